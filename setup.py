@@ -1,0 +1,60 @@
+from setuptools import setup
+
+setup(
+    name="openai-proxy",
+    version="0.1.0",
+    description=(
+        "A Twisted daemon that serves Deepgram's Voice Agent API v1 "
+        "on top of OpenAI's Realtime API"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=[
+        "openai_proxy",
+        "openai_proxy.translate",
+        "openai_proxy.simulator",
+        "openai_proxy.tests",
+        "twisted.plugins",
+    ],
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "autobahn>=24.4",
+        "service-identity>=24.1",
+        "pyopenssl>=24.0",
+        "python-dotenv>=1.0",
+        "opentelemetry-sdk>=1.25",
+        "soxr>=0.5",
+        "numpy>=1.26",
+        "treq>=24.9",
+    ],
+    extras_require={
+        # The built-in simulated upstream validates every event with the
+        # openai package's GA types.
+        "simulator": ["openai>=2.0"],
+        "otlp": ["opentelemetry-exporter-otlp-proto-http>=1.25"],
+        "test": [
+            "openai>=2.0",
+            "deepgram-sdk>=7.17",
+            "hypothesis>=6.100",
+        ],
+        "dev": [
+            "openai>=2.0",
+            "deepgram-sdk>=7.17",
+            "hypothesis>=6.100",
+            "mypy>=1.10",
+            "mypy-zope>=1.0",
+            "ruff>=0.5",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "openai-proxy-cli = openai_proxy.cli:main",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+    ],
+)
