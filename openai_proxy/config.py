@@ -1,0 +1,322 @@
+"""
+One validated configuration, built from command-line options, the environment and a ``.env`` file.
+
+Precedence, highest first: command-line option, process environment, ``.env`` file (python-dotenv; the
+working directory's ``.env`` unless ``--env-file`` names another).  Every problem is reported as a
+:class:`ConfigError` whose message is one line naming the setting, so ``twistd`` can stop with it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+DEFAULT_LISTEN = "tcp:8080"
+DEFAULT_UPSTREAM_URL = "wss://api.openai.com/v1/realtime"
+DEFAULT_MODEL = "gpt-realtime"
+DEFAULT_ALLOWED_MODELS = ("gpt-realtime*",)
+DEFAULT_VOICE = "marin"
+DEFAULT_TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"
+
+#: Voices the OpenAI Realtime API knows (GA ``audio.output.voice``).
+OPENAI_VOICES = frozenset(
+    {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
+)
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; ``str(error)`` is one line naming it."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits, each one a setting (see docs/configuration.md)."""
+
+    #: Largest WebSocket message (and frame) a client may send, in bytes; above it the client gets 1009.
+    max_message_bytes: int = 1024 * 1024
+    #: Concurrent client sessions; one more is refused with HTTP 503 before the upgrade.
+    max_sessions: int = 200
+    #: Seconds a client has to finish the WebSocket opening handshake, and the upstream to answer ours.
+    handshake_timeout: float = 10.0
+    #: Seconds of client audio held while the session is not configured yet.
+    audio_buffer_seconds: float = 5.0
+    #: Seconds to wait for a response that asked for functions to end before following up anyway.
+    function_call_timeout: float = 10.0
+    #: Seconds given to open sessions to finish after SIGTERM before they are closed with 1001.
+    shutdown_grace: float = 30.0
+    #: Seconds between WebSocket pings to the client (0 disables).
+    ping_interval: float = 20.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon needs to run, already validated."""
+
+    api_key: str | None
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    upstream_url: str = DEFAULT_UPSTREAM_URL
+    model: str = DEFAULT_MODEL
+    allowed_models: tuple[str, ...] = DEFAULT_ALLOWED_MODELS
+    voice: str = DEFAULT_VOICE
+    transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL
+    client_tokens: frozenset[str] = frozenset()
+    log_level: str = "info"
+    simulator: bool = False
+    upstream_ca: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+    def model_allowed(self, name: str) -> bool:
+        """Whether a client's Settings may choose the realtime model ``name``."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allowed_models)
+
+    def upstream_url_for(self, model: str) -> str:
+        """The upstream WebSocket URL for ``model``: ``?model=`` is added unless the URL has one."""
+        parts = urlsplit(self.upstream_url)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        if "model" in query:
+            return self.upstream_url
+        pairs = [(k, v) for k, values in query.items() for v in values] + [("model", model)]
+        return urlunsplit(parts._replace(query=urlencode(pairs)))
+
+    def __repr__(self) -> str:
+        # The key and the client tokens must never reach a log line, even through a repr.
+        return (
+            f"Config(listen={self.listen!r}, upstream_url={self.upstream_url!r}, "
+            f"model={self.model!r}, simulator={self.simulator!r}, "
+            f"client_tokens={len(self.client_tokens)} configured)"
+        )
+
+
+def _read_secret_file(path: str, setting: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{setting}: cannot read {path}: {e.strerror}") from None
+    if not value:
+        raise ConfigError(f"{setting}: {path} is empty")
+    return value
+
+
+def _read_tokens(path: str, setting: str) -> frozenset[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"{setting}: cannot read {path}: {e.strerror}") from None
+    tokens = frozenset(
+        line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
+    )
+    if not tokens:
+        raise ConfigError(f"{setting}: {path} holds no token")
+    return tokens
+
+
+def _split_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _positive_number(value: Any, setting: str, *, integer: bool = False, allow_zero: bool = False) -> Any:
+    try:
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{setting}: expected a number, got {value!r}") from None
+    if number < 0 or (number == 0 and not allow_zero):
+        raise ConfigError(f"{setting}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return number
+
+
+def _listen_from_env(value: str) -> tuple[str, ...]:
+    # The seed's OPENAI_PROXY_PORT holds a port number; an endpoint string is accepted too.
+    value = value.strip()
+    if value.isdigit():
+        return (f"tcp:{value}",)
+    return _split_list(value)
+
+
+def build_config(
+    options: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    *,
+    cwd: str | None = None,
+) -> Config:
+    """
+    Build the :class:`Config` from parsed command-line ``options`` (``None`` or empty for "not given"),
+    the process ``environ`` and the ``.env`` file.
+
+    @raise ConfigError: one line naming the bad setting.
+    """
+    process_env = dict(os.environ if environ is None else environ)
+    env_file = options.get("env-file")
+    if env_file:
+        if not os.path.isfile(env_file):
+            raise ConfigError(f"--env-file: {env_file} does not exist")
+        dotenv_path = env_file
+    else:
+        dotenv_path = os.path.join(cwd or os.getcwd(), ".env")
+    file_env: dict[str, str] = {}
+    if os.path.isfile(dotenv_path):
+        try:
+            file_env = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--env-file: cannot read {dotenv_path}: {e}") from None
+    env: dict[str, str] = {**file_env, **process_env}
+
+    def pick(option: str, name: str | None) -> Any:
+        value = options.get(option)
+        if value not in (None, "", [], ()):
+            return value
+        if name is not None and env.get(name, "") != "":
+            return env[name]
+        return None
+
+    simulator = bool(options.get("simulator"))
+
+    api_key: str | None
+    if options.get("api-key-file"):
+        api_key = _read_secret_file(options["api-key-file"], "--api-key-file")
+    else:
+        api_key = env.get("OPENAI_API_KEY") or None
+    if api_key is None and not simulator:
+        raise ConfigError(
+            "OPENAI_API_KEY: no OpenAI key configured (set OPENAI_API_KEY, use --api-key-file, "
+            "or run with --simulator)"
+        )
+
+    listen_opt = options.get("listen")
+    if listen_opt:
+        listen = tuple(listen_opt)
+    elif env.get("OPENAI_PROXY_PORT"):
+        listen = _listen_from_env(env["OPENAI_PROXY_PORT"])
+    else:
+        listen = (DEFAULT_LISTEN,)
+    if not listen:
+        raise ConfigError("--listen: no endpoint given")
+
+    upstream_url = pick("upstream-url", "OPENAI_REALTIME_URL") or DEFAULT_UPSTREAM_URL
+    parts = urlsplit(upstream_url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(f"--upstream-url: expected a ws:// or wss:// URL, got {upstream_url!r}")
+
+    model = pick("model", "OPENAI_REALTIME_MODEL") or DEFAULT_MODEL
+    allowed_raw = pick("allowed-models", "OPENAI_PROXY_ALLOWED_MODELS")
+    allowed = _split_list(allowed_raw) if allowed_raw else DEFAULT_ALLOWED_MODELS
+    if not allowed:
+        raise ConfigError("--allowed-models: the list is empty")
+
+    voice = pick("voice", "OPENAI_REALTIME_VOICE") or DEFAULT_VOICE
+    if voice not in OPENAI_VOICES:
+        raise ConfigError(
+            f"--voice: {voice!r} is not an OpenAI voice (one of {', '.join(sorted(OPENAI_VOICES))})"
+        )
+
+    transcription_model = (
+        pick("transcription-model", "OPENAI_PROXY_TRANSCRIPTION_MODEL") or DEFAULT_TRANSCRIPTION_MODEL
+    )
+
+    tokens_file = pick("client-tokens-file", "OPENAI_PROXY_CLIENT_TOKENS")
+    client_tokens = (
+        _read_tokens(tokens_file, "--client-tokens-file") if tokens_file else frozenset()
+    )
+
+    log_level = options.get("log-level")
+    if not log_level:
+        if env.get("OPENAI_PROXY_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
+            log_level = "debug"
+        else:
+            log_level = env.get("LOG_LEVEL") or "info"
+    log_level = log_level.strip().lower()
+    if log_level == "warning":
+        log_level = "warn"
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+    upstream_ca = pick("upstream-ca", "OPENAI_PROXY_UPSTREAM_CA")
+    if upstream_ca and not os.path.isfile(upstream_ca):
+        raise ConfigError(f"--upstream-ca: {upstream_ca} does not exist")
+
+    defaults = Limits()
+    limits = Limits(
+        max_message_bytes=_positive_number(
+            pick("max-message-bytes", "OPENAI_PROXY_MAX_MESSAGE_BYTES") or defaults.max_message_bytes,
+            "--max-message-bytes",
+            integer=True,
+        ),
+        max_sessions=_positive_number(
+            pick("max-sessions", "OPENAI_PROXY_MAX_SESSIONS") or defaults.max_sessions,
+            "--max-sessions",
+            integer=True,
+        ),
+        handshake_timeout=_positive_number(
+            pick("handshake-timeout", "OPENAI_PROXY_HANDSHAKE_TIMEOUT") or defaults.handshake_timeout,
+            "--handshake-timeout",
+        ),
+        audio_buffer_seconds=_positive_number(
+            pick("audio-buffer-seconds", "OPENAI_PROXY_AUDIO_BUFFER_SECONDS")
+            or defaults.audio_buffer_seconds,
+            "--audio-buffer-seconds",
+        ),
+        function_call_timeout=_positive_number(
+            pick("function-call-timeout", "OPENAI_PROXY_FUNCTION_CALL_TIMEOUT")
+            or defaults.function_call_timeout,
+            "--function-call-timeout",
+        ),
+        shutdown_grace=_positive_number(
+            pick("shutdown-grace", "OPENAI_PROXY_SHUTDOWN_GRACE") or defaults.shutdown_grace,
+            "--shutdown-grace",
+            allow_zero=True,
+        ),
+        ping_interval=_positive_number(
+            pick("ping-interval", "OPENAI_PROXY_PING_INTERVAL") or defaults.ping_interval,
+            "--ping-interval",
+            allow_zero=True,
+        ),
+    )
+
+    return Config(
+        api_key=api_key,
+        listen=listen,
+        upstream_url=upstream_url,
+        model=model,
+        allowed_models=allowed,
+        voice=voice,
+        transcription_model=transcription_model,
+        client_tokens=client_tokens,
+        log_level=log_level,
+        simulator=simulator,
+        upstream_ca=upstream_ca,
+        limits=limits,
+    )
+
+
+def option_names() -> Sequence[str]:
+    """The long option names :func:`build_config` reads (for the twistd Options class)."""
+    return (
+        "env-file",
+        "api-key-file",
+        "listen",
+        "upstream-url",
+        "model",
+        "allowed-models",
+        "voice",
+        "transcription-model",
+        "client-tokens-file",
+        "log-level",
+        "upstream-ca",
+        "max-message-bytes",
+        "max-sessions",
+        "handshake-timeout",
+        "audio-buffer-seconds",
+        "function-call-timeout",
+        "shutdown-grace",
+        "ping-interval",
+        "simulator",
+    )

@@ -1,0 +1,35 @@
+"""
+The daemon's own ``Error`` / ``Warning`` codes.  They are stable: clients may branch on them.
+docs/errors.md lists each with its meaning; an upstream ``error.code`` is passed through unchanged.
+"""
+
+from typing import Final
+
+UNPARSABLE_CLIENT_MESSAGE: Final = "UNPARSABLE_CLIENT_MESSAGE"
+UNSUPPORTED_CLIENT_MESSAGE: Final = "UNSUPPORTED_CLIENT_MESSAGE"
+INVALID_CLIENT_MESSAGE: Final = "INVALID_CLIENT_MESSAGE"
+INVALID_SETTINGS: Final = "INVALID_SETTINGS"
+SETTINGS_REQUIRED: Final = "SETTINGS_REQUIRED"
+UNKNOWN_FUNCTION_CALL: Final = "UNKNOWN_FUNCTION_CALL"
+MODEL_REPLACED: Final = "MODEL_REPLACED"
+AUDIO_BUFFER_OVERFLOW: Final = "AUDIO_BUFFER_OVERFLOW"
+VOICE_LOCKED: Final = "VOICE_LOCKED"
+SETTING_NOT_CHANGEABLE: Final = "SETTING_NOT_CHANGEABLE"
+UNSUPPORTED_SETTING: Final = "UNSUPPORTED_SETTING"
+UPSTREAM_UNAVAILABLE: Final = "UPSTREAM_UNAVAILABLE"
+UPSTREAM_AUTH_FAILED: Final = "UPSTREAM_AUTH_FAILED"
+UPSTREAM_RATE_LIMITED: Final = "UPSTREAM_RATE_LIMITED"
+UPSTREAM_TLS_FAILED: Final = "UPSTREAM_TLS_FAILED"
+UPSTREAM_TIMEOUT: Final = "UPSTREAM_TIMEOUT"
+UPSTREAM_CLOSED: Final = "UPSTREAM_CLOSED"
+UPSTREAM_ERROR: Final = "UPSTREAM_ERROR"
+SHUTTING_DOWN: Final = "SHUTTING_DOWN"
+
+#: Upstream error codes that are races the daemon tolerates: logged, never shown to the client.
+BENIGN_UPSTREAM_CODES: Final = frozenset(
+    {
+        "conversation_already_has_active_response",
+        "response_cancel_not_active",
+        "input_audio_buffer_commit_empty",
+    }
+)

@@ -1,0 +1,677 @@
+"""
+The network side: Autobahn protocols that turn WebSocket callbacks into :class:`~openai_proxy.session.Session`
+inputs and carry out the session's outputs.
+
+- :class:`ClientProtocol` serves one Deepgram v1 client.
+- :class:`UpstreamLink` owns the OpenAI leg of that client: a Deferred gate holds events until the upstream
+  socket is open, then they flow in order.  :class:`UpstreamProtocol` is its Autobahn client protocol.
+- Backpressure: each leg's transport is registered as a push producer on the other (through
+  :class:`_PauseRelay`), so a slow reader on one side stops reading on the other instead of queueing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from OpenSSL import SSL
+from twisted.application.service import Service
+from twisted.internet import defer, error as internet_error
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IPushProducer, IReactorCore, IReactorTime
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from openai_proxy import errors, session as s
+from openai_proxy.config import Config
+from openai_proxy.telemetry import parse_trace_id
+
+_log = Logger(namespace="openai_proxy")
+
+#: Events queued for an upstream that is not open yet.  Only control events wait there (audio is held,
+#: bounded, by the session until the upstream confirmed the configuration), so this is generous.
+MAX_GATED_EVENTS = 512
+
+
+def _level(name: str) -> Callable[..., None]:
+    return {
+        "debug": _log.debug,
+        "info": _log.info,
+        "warn": _log.warn,
+        "error": _log.error,
+    }.get(name, _log.info)
+
+
+def _safe_type(message: Any) -> str | None:
+    if isinstance(message, dict) and isinstance(message.get("type"), str):
+        return str(message["type"])[:64]
+    return None
+
+
+@implementer(IPushProducer)
+class _PauseRelay:
+    """
+    Pauses reading on one transport while the other cannot keep up with writing.
+
+    ``stopProducing`` does nothing: closes are the relay's business, so that the client still gets its
+    ``Error`` when the upstream leaves.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _glue(consumer_transport: Any, producer_transport: Any) -> None:
+    # Under twisted.web the taken-over transport still has the HTTPChannel registered as its producer.
+    if getattr(consumer_transport, "producer", None) is not None:
+        consumer_transport.unregisterProducer()
+    consumer_transport.registerProducer(_PauseRelay(producer_transport), True)
+
+
+# -- upstream ---------------------------------------------------------------------------------------
+
+
+class UpstreamProtocol(WebSocketClientProtocol):
+    """The OpenAI Realtime leg of one session."""
+
+    link: UpstreamLink
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Autobahn's tcpNoDelay option never reaches the socket; small frames must not wait for Nagle.
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError, NotImplementedError):
+            pass
+        self._lost_reason: Failure | None = None
+
+    def connectionLost(self, reason: Failure = internet_error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self._lost_reason = reason
+        super().connectionLost(reason)
+
+    def onOpen(self) -> None:
+        try:
+            self.link.opened(self)
+        except Exception:
+            _log.failure("upstream onOpen failed")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.link.protocol_problem("the upstream sent a binary frame")
+            return
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            self.link.protocol_problem("the upstream sent a frame that is not JSON")
+            return
+        if not isinstance(event, dict):
+            self.link.protocol_problem("the upstream sent JSON that is not an object")
+            return
+        self.link.event(event)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        status = None
+        status_line = getattr(self, "http_status_line", None)
+        if isinstance(status_line, str):
+            parts = status_line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                status = int(parts[1])
+        self.link.closed(code, reason, status, getattr(self, "_lost_reason", None))
+
+
+class UpstreamLink:
+    """
+    One session's connection to the upstream, with the Deferred gate in front of it.
+
+    ``send`` never blocks: before the socket is open events wait (in order, bounded) on the gate; the gate's
+    Deferred fires in ``onOpen`` (Autobahn's own ``open()`` never fires when the upgrade is refused, so the
+    link keeps its own) and errbacks when the socket closes without having opened.
+    """
+
+    def __init__(self, owner: ClientProtocol) -> None:
+        self._owner = owner
+        self._queue: deque[dict[str, Any]] = deque()
+        self._protocol: UpstreamProtocol | None = None
+        self._connector: Any = None
+        self._closed = False
+        self._timeout: Any = None
+        self.gate: defer.Deferred[UpstreamProtocol] = defer.Deferred()
+        self.gate.addCallbacks(self._flush_gate, lambda f: None)
+
+    @property
+    def is_open(self) -> bool:
+        return self._protocol is not None and not self._closed
+
+    def connect(self, connector: UpstreamConnector, model: str) -> None:
+        self._timeout = connector.reactor.callLater(
+            connector.config.limits.handshake_timeout, self._handshake_timed_out
+        )
+        d = connector.connect(self, model)
+        d.addErrback(self._connect_failed)
+        self._connector = d
+
+    def _handshake_timed_out(self) -> None:
+        self._timeout = None
+        if self._protocol is None and not self._closed:
+            self._fail(errors.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
+            self.close()
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def _connect_failed(self, failure: Failure) -> None:
+        if self._closed:
+            return
+        if failure.check(defer.CancelledError):
+            return
+        self._cancel_timeout()
+        _log.info(
+            "upstream connection failed: {problem}",
+            problem=failure.getErrorMessage(),
+            connection_id=self._owner.request_id,
+        )
+        self._fail(errors.UPSTREAM_UNAVAILABLE, "the upstream could not be reached")
+
+    def send(self, event: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        if self._protocol is not None:
+            self._write(event)
+            return
+        if len(self._queue) >= MAX_GATED_EVENTS:
+            self._fail(errors.UPSTREAM_UNAVAILABLE, "too many events are waiting for the upstream")
+            self.close()
+            return
+        self._queue.append(event)
+
+    def _write(self, event: dict[str, Any]) -> None:
+        assert self._protocol is not None
+        self._owner.log_message("daemon->upstream", event)
+        self._protocol.sendMessage(json.dumps(event, separators=(",", ":")).encode("utf-8"))
+
+    def _flush_gate(self, protocol: UpstreamProtocol) -> None:
+        while self._queue and not self._closed:
+            self._write(self._queue.popleft())
+
+    def opened(self, protocol: UpstreamProtocol) -> None:
+        self._cancel_timeout()
+        if self._closed:
+            protocol.dropConnection(abort=True)
+            return
+        self._protocol = protocol
+        _glue(protocol.transport, self._owner.transport)
+        _glue(self._owner.transport, protocol.transport)
+        self._owner.upstream_opened()
+        self.gate.callback(protocol)
+
+    def event(self, event: dict[str, Any]) -> None:
+        if not self._closed:
+            self._owner.upstream_event(event)
+
+    def protocol_problem(self, description: str) -> None:
+        _log.warn(
+            "upstream protocol problem: {problem}",
+            problem=description,
+            connection_id=self._owner.request_id,
+        )
+
+    def closed(
+        self, code: int | None, reason: str | None, status: int | None, lost: Failure | None
+    ) -> None:
+        self._cancel_timeout()
+        was_open = self._protocol is not None
+        self._protocol = None
+        if not self.gate.called:
+            self.gate.errback(Failure(internet_error.ConnectionClosed()))
+        if self._closed:
+            return
+        self._closed = True
+        _log.info(
+            "upstream closed {close_code} {close_reason} (http status {http_status})",
+            close_code=code,
+            close_reason=reason,
+            http_status=status,
+            connection_id=self._owner.request_id,
+        )
+        if was_open:
+            self._owner.upstream_failed(
+                errors.UPSTREAM_CLOSED,
+                f"the upstream closed the session (code {code})" if code else
+                "the upstream closed the session",
+            )
+            return
+        if lost is not None and lost.check(SSL.Error):
+            self._owner.upstream_failed(
+                errors.UPSTREAM_TLS_FAILED, "the upstream's TLS certificate could not be verified"
+            )
+        elif status in (401, 403):
+            self._owner.upstream_failed(
+                errors.UPSTREAM_AUTH_FAILED, f"the upstream refused the daemon's key (HTTP {status})"
+            )
+        elif status == 429:
+            self._owner.upstream_failed(
+                errors.UPSTREAM_RATE_LIMITED, "the upstream is rate limiting (HTTP 429)"
+            )
+        elif status is not None:
+            self._owner.upstream_failed(
+                errors.UPSTREAM_UNAVAILABLE, f"the upstream refused the connection (HTTP {status})"
+            )
+        else:
+            self._owner.upstream_failed(
+                errors.UPSTREAM_UNAVAILABLE, "the upstream closed before the session started"
+            )
+
+    def _fail(self, code: str, description: str) -> None:
+        if not self._closed:
+            self._closed = True
+            self._owner.upstream_failed(code, description)
+
+    def close(self) -> None:
+        """Release the upstream socket (idempotent)."""
+        self._closed = True
+        self._cancel_timeout()
+        self._queue.clear()
+        if self._protocol is not None:
+            protocol, self._protocol = self._protocol, None
+            protocol.sendClose(1000)
+            # Do not wait for a slow or hostile upstream to finish the closing handshake.
+            protocol.factory.reactor.callLater(1.0, _abort, protocol)
+        elif self._connector is not None and not self._connector.called:
+            self._connector.cancel()
+
+
+def _abort(protocol: WebSocketClientProtocol) -> None:
+    transport = protocol.transport
+    if transport is not None and getattr(transport, "connected", False):
+        transport.abortConnection()
+
+
+class UpstreamConnector:
+    """Opens upstream WebSocket connections: TLS with certificate verification for ``wss://``."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        url_for: Callable[[str], str] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self._url_for = url_for or config.upstream_url_for
+        self._trust_root: Certificate | None = None
+        if config.upstream_ca:
+            with open(config.upstream_ca, "rb") as f:
+                self._trust_root = Certificate.loadPEM(f.read())
+
+    def connect(self, link: UpstreamLink, model: str) -> defer.Deferred[Any]:
+        url = self._url_for(model)
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        headers = {}
+        if self.config.api_key:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        factory = WebSocketClientFactory(url, headers=headers, reactor=self.reactor)
+        factory.protocol = UpstreamProtocol
+        factory.setProtocolOptions(
+            openHandshakeTimeout=self.config.limits.handshake_timeout,
+            closeHandshakeTimeout=1.0,
+            # Upstream events (session.updated with long instructions, audio deltas) can be large.
+            maxMessagePayloadSize=16 * 1024 * 1024,
+            maxFramePayloadSize=16 * 1024 * 1024,
+        )
+
+        def build(addr: Any) -> UpstreamProtocol:
+            protocol = WebSocketClientFactory.buildProtocol(factory, addr)
+            protocol.link = link
+            return protocol
+
+        factory.buildProtocol = build  # type: ignore[method-assign]
+        endpoint: Any = HostnameEndpoint(
+            self.reactor, host, port, timeout=self.config.limits.handshake_timeout
+        )
+        if secure:
+            # service_identity checks the certificate against the host name.
+            options = optionsForClientTLS(host, trustRoot=self._trust_root)
+            endpoint = wrapClientTLS(options, endpoint)
+        return endpoint.connect(factory)
+
+
+# -- client -----------------------------------------------------------------------------------------
+
+
+def _credential(request: ConnectionRequest) -> tuple[str | None, str | None]:
+    """The client's token and the subprotocol to answer with (browsers send ``token, <t>``)."""
+    header = request.headers.get("authorization")
+    if isinstance(header, str):
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() in ("token", "bearer") and value.strip():
+            return value.strip(), None
+    protocols = [p.strip() for p in (request.protocols or [])]
+    if len(protocols) >= 2 and protocols[0].lower() in ("token", "bearer"):
+        return protocols[1], protocols[0]
+    return None, None
+
+
+def token_matches(presented: str | None, tokens: frozenset[str]) -> bool:
+    """Constant-time comparison against every configured token."""
+    if presented is None:
+        return False
+    candidate = presented.encode("utf-8")
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(candidate, token.encode("utf-8"))
+    return matched
+
+
+class ClientProtocol(WebSocketServerProtocol):
+    """One Deepgram v1 client."""
+
+    factory: ClientFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: s.Session | None = None
+        self.request_id = ""
+        self.trace_id: str | None = None
+        self._upstream: UpstreamLink | None = None
+        self._timers: dict[str, Any] = {}
+        self._gone = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError, NotImplementedError):
+            pass
+
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        registry = self.factory.registry
+        if registry.draining:
+            raise ConnectionDeny(503, "the server is shutting down")
+        if len(registry) >= self.factory.config.limits.max_sessions:
+            _log.warn("session limit reached; refusing a client")
+            raise ConnectionDeny(503, "too many sessions")
+        token, subprotocol = _credential(request)
+        tokens = self.factory.config.client_tokens
+        if tokens and not token_matches(token, tokens):
+            _log.info("client refused: missing or wrong token")
+            raise ConnectionDeny(401, "a valid token is required")
+        query_trace = request.params.get("traceId", [None])[0] if request.params else None
+        self.trace_id = parse_trace_id(query_trace, request.headers.get("traceparent"))
+        if subprotocol is None:
+            offered = [p.strip() for p in (request.protocols or [])]
+            subprotocol = next((p for p in offered if p.lower() in ("token", "bearer")), None)
+        return subprotocol
+
+    def onOpen(self) -> None:
+        if self._gone:
+            return
+        try:
+            self._open()
+        except Exception:
+            _log.failure("client onOpen failed")
+            self.dropConnection(abort=True)
+
+    def _open(self) -> None:
+        self.session = s.Session(self.factory.session_options, now=self.factory.reactor.seconds)
+        self.request_id = self.session.request_id
+        self.factory.registry.add(self)
+        _log.info("client connected from {peer}", peer=self.peer, connection_id=self.request_id,
+                  trace_id=self.trace_id)
+        self._carry_out(self.session.start())
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.session is None or self._gone:
+            return
+        if isBinary:
+            outputs = self.session.client_binary(payload)
+        else:
+            try:
+                text = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "\x00"  # Autobahn validates UTF-8; this only guards the contract.
+            if self.factory.debug:
+                self.log_message("client->daemon", _peek_type(text))
+            outputs = self.session.client_text(text)
+        self._carry_out(outputs)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._gone = True
+        if self.session is None:
+            return
+        _log.info(
+            "client closed {close_code} {close_reason}",
+            close_code=code,
+            close_reason=reason,
+            connection_id=self.request_id,
+        )
+        self._carry_out(self.session.client_closed())
+        for call in self._timers.values():
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+        if self._upstream is not None:
+            self._upstream.close()
+        self.factory.registry.remove(self)
+
+    # -- inputs from the upstream link ------------------------------------------------------------
+
+    def upstream_opened(self) -> None:
+        if self.session is not None:
+            self._carry_out(self.session.upstream_opened())
+
+    def upstream_event(self, event: dict[str, Any]) -> None:
+        if self.session is None:
+            return
+        self.log_message("upstream->daemon", event)
+        if event.get("type") == "error":
+            # Upstream errors are worth a line at the default level.
+            err = event.get("error") if isinstance(event.get("error"), dict) else {}
+            _log.warn(
+                "upstream error event {error_code}",
+                error_code=(err or {}).get("code"),
+                connection_id=self.request_id,
+                direction="upstream->daemon",
+                message_type="error",
+            )
+        self._carry_out(self.session.upstream_event(event))
+
+    def upstream_failed(self, code: str, description: str) -> None:
+        if self.session is not None:
+            self._carry_out(self.session.upstream_failed(code, description))
+
+    # -- outputs ----------------------------------------------------------------------------------
+
+    def log_message(self, direction: str, message: Any) -> None:
+        if self.factory.debug:
+            _log.debug(
+                "{direction} {message_type}",
+                direction=direction,
+                message_type=_safe_type(message) if isinstance(message, dict) else message,
+                connection_id=self.request_id,
+                trace_id=self.trace_id,
+            )
+
+    def _carry_out(self, outputs: list[s.Output]) -> None:
+        for output in outputs:
+            if isinstance(output, s.SendClient):
+                if not self._gone:
+                    self.log_message("daemon->client", output.message)
+                    self.sendMessage(json.dumps(output.message).encode("utf-8"), isBinary=False)
+            elif isinstance(output, s.SendClientAudio):
+                if not self._gone:
+                    self.sendMessage(output.data, isBinary=True)
+            elif isinstance(output, s.SendUpstream):
+                if self._upstream is not None:
+                    self._upstream.send(output.event)
+            elif isinstance(output, s.ConnectUpstream):
+                self._upstream = UpstreamLink(self)
+                self._upstream.connect(self.factory.connector, output.model)
+            elif isinstance(output, s.StartTimer):
+                self._start_timer(output.name, output.seconds)
+            elif isinstance(output, s.CancelTimer):
+                call = self._timers.pop(output.name, None)
+                if call is not None and call.active():
+                    call.cancel()
+            elif isinstance(output, s.CloseClient):
+                if not self._gone:
+                    self.sendClose(output.code, output.reason)
+                if self._upstream is not None:
+                    self._upstream.close()
+            elif isinstance(output, s.CloseUpstream):
+                if self._upstream is not None:
+                    self._upstream.close()
+            elif isinstance(output, s.Log):
+                _level(output.level)(
+                    output.format,
+                    connection_id=self.request_id,
+                    trace_id=self.trace_id,
+                    **output.fields,
+                )
+
+    def _start_timer(self, name: str, seconds: float) -> None:
+        previous = self._timers.pop(name, None)
+        if previous is not None and previous.active():
+            previous.cancel()
+
+        def fire() -> None:
+            self._timers.pop(name, None)
+            if self.session is not None:
+                self._carry_out(self.session.timer_fired(name))
+
+        self._timers[name] = self.factory.reactor.callLater(seconds, fire)
+
+    def shut_down(self) -> None:
+        """Close for a daemon shutdown: the client may reconnect elsewhere."""
+        if not self._gone:
+            self.sendClose(1001, "server shutting down")
+
+
+def _peek_type(text: str) -> str | None:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    return _safe_type(message)
+
+
+class SessionRegistry(Service):
+    """
+    The open sessions.  Stopping it drains: no new sessions, open ones get ``grace`` seconds to finish and
+    are then closed with 1001.
+    """
+
+    def __init__(self, clock: IReactorTime, grace: float) -> None:
+        self._clock = clock
+        self._grace = grace
+        self._sessions: set[ClientProtocol] = set()
+        self.draining = False
+        self._drained: list[defer.Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, protocol: ClientProtocol) -> None:
+        self._sessions.add(protocol)
+
+    def remove(self, protocol: ClientProtocol) -> None:
+        self._sessions.discard(protocol)
+        if not self._sessions:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self.draining = True
+        if not self._sessions:
+            return defer.succeed(None)
+        _log.info("draining {count} sessions", count=len(self._sessions))
+        done: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(done)
+
+        def close_all() -> None:
+            for protocol in list(self._sessions):
+                protocol.shut_down()
+            # A client that ignores the close is dropped shortly after.
+            self._clock.callLater(2.0, abort_all)
+
+        def abort_all() -> None:
+            for protocol in list(self._sessions):
+                protocol.dropConnection(abort=True)
+                self.remove(protocol)
+
+        timer = self._clock.callLater(self._grace, close_all)
+
+        def cancel_timer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        done.addBoth(cancel_timer)
+        return done
+
+
+class ClientFactory(WebSocketServerFactory):
+    """Builds a :class:`ClientProtocol` per client, sharing configuration, registry and connector."""
+
+    protocol = ClientProtocol
+
+    def __init__(
+        self,
+        reactor: IReactorCore,
+        config: Config,
+        registry: SessionRegistry,
+        connector: UpstreamConnector,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.registry = registry
+        self.connector = connector
+        self.debug = config.log_level == "debug"
+        self.session_options = s.SessionOptions(
+            default_model=config.model,
+            model_allowed=config.model_allowed,
+            default_voice=config.voice,
+            transcription_model=config.transcription_model,
+            audio_buffer_seconds=config.limits.audio_buffer_seconds,
+            function_call_timeout=config.limits.function_call_timeout,
+        )
+        limits = config.limits
+        self.setProtocolOptions(
+            maxFramePayloadSize=limits.max_message_bytes,
+            maxMessagePayloadSize=limits.max_message_bytes,
+            openHandshakeTimeout=limits.handshake_timeout,
+            closeHandshakeTimeout=2.0,
+            autoPingInterval=limits.ping_interval or 0,
+            autoPingTimeout=limits.ping_interval * 2 if limits.ping_interval else 0,
+            # Browsers on file:// send Origin: null; this call resets the flag, so set it here.
+            allowNullOrigin=True,
+        )

@@ -1,0 +1,69 @@
+"""
+The HTTP side: one ``twisted.web`` site serving the WebSocket routes and the health endpoints.
+
+- ``/v1/agent/converse`` — the path the official Deepgram SDKs use;
+- ``/openai`` — the older path of the daemon this replaces;
+- ``/healthz`` — 200 while the process runs; ``/readyz`` — 200 when sessions are accepted, 503 while draining;
+- anything else — 404.
+"""
+
+from __future__ import annotations
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from openai_proxy.relay import ClientFactory, SessionRegistry
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return b"ok\n"
+
+    render_HEAD = render_GET
+
+
+class _Ready(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: SessionRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if self._registry.draining:
+            request.setResponseCode(503)
+            return b"draining\n"
+        return b"ready\n"
+
+    render_HEAD = render_GET
+
+
+class _QuietSite(Site):
+    """A site that does not write an access-log line per request (health checks would flood the log)."""
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def make_site(factory: ClientFactory, registry: SessionRegistry) -> Site:
+    """The daemon's site: WebSocket routes, health endpoints, 404 elsewhere."""
+    root = Resource()
+    websocket = WebSocketResource(factory)
+    root.putChild(b"openai", websocket)
+    v1 = Resource()
+    agent = Resource()
+    root.putChild(b"v1", v1)
+    v1.putChild(b"agent", agent)
+    agent.putChild(b"converse", websocket)
+    root.putChild(b"healthz", _Health())
+    root.putChild(b"readyz", _Ready(registry))
+    site = _QuietSite(root)
+    site.displayTracebacks = False
+    return site
