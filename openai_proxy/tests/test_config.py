@@ -1,0 +1,108 @@
+"""Configuration: precedence, seed-compatible names, .env files and one-line errors."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from openai_proxy.config import ConfigError, build_config
+
+
+class ConfigTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+
+    def write(self, name: str, text: str) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_key_required_unless_simulator(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            build_config({}, {}, cwd=self.dir)
+        self.assertIn("OPENAI_API_KEY", str(e.exception))
+        self.assertNotIn("\n", str(e.exception))
+        config = build_config({"simulator": True}, {}, cwd=self.dir)
+        self.assertIsNone(config.api_key)
+
+    def test_defaults(self) -> None:
+        config = build_config({}, {"OPENAI_API_KEY": "sk-test"}, cwd=self.dir)
+        self.assertEqual(config.listen, ("tcp:8080",))
+        self.assertEqual(config.upstream_url, "wss://api.openai.com/v1/realtime")
+        self.assertEqual(config.model, "gpt-realtime")
+        self.assertEqual(config.voice, "marin")
+        self.assertEqual(config.log_level, "info")
+        self.assertTrue(config.model_allowed("gpt-realtime-mini"))
+        self.assertFalse(config.model_allowed("gpt-4o-mini"))
+        self.assertEqual(config.client_tokens, frozenset())
+
+    def test_precedence_option_env_dotenv(self) -> None:
+        self.write(".env", "OPENAI_API_KEY=sk-file\nOPENAI_REALTIME_MODEL=gpt-realtime-mini\n"
+                           "OPENAI_REALTIME_VOICE=cedar\nOPENAI_PROXY_PORT=9000\n")
+        config = build_config({}, {}, cwd=self.dir)
+        self.assertEqual((config.api_key, config.model, config.voice, config.listen),
+                         ("sk-file", "gpt-realtime-mini", "cedar", ("tcp:9000",)))
+        config = build_config({}, {"OPENAI_REALTIME_MODEL": "gpt-realtime-2"}, cwd=self.dir)
+        self.assertEqual(config.model, "gpt-realtime-2")
+        config = build_config({"model": "gpt-realtime-1.5", "listen": ["tcp:1:interface=::1"]},
+                              {"OPENAI_REALTIME_MODEL": "gpt-realtime-2"}, cwd=self.dir)
+        self.assertEqual(config.model, "gpt-realtime-1.5")
+        self.assertEqual(config.listen, ("tcp:1:interface=::1",))
+
+    def test_env_file_option(self) -> None:
+        path = self.write("other.env", "OPENAI_API_KEY=sk-other\n")
+        config = build_config({"env-file": path}, {}, cwd=self.dir)
+        self.assertEqual(config.api_key, "sk-other")
+        with self.assertRaises(ConfigError) as e:
+            build_config({"env-file": path + ".missing"}, {}, cwd=self.dir)
+        self.assertIn("--env-file", str(e.exception))
+
+    def test_key_file_and_tokens_file(self) -> None:
+        key = self.write("key", "sk-from-file\n")
+        tokens = self.write("tokens", "# clients\nalpha\n\nbeta\n")
+        config = build_config({"api-key-file": key, "client-tokens-file": tokens}, {}, cwd=self.dir)
+        self.assertEqual(config.api_key, "sk-from-file")
+        self.assertEqual(config.client_tokens, frozenset({"alpha", "beta"}))
+        with self.assertRaises(ConfigError) as e:
+            build_config({"api-key-file": key + "x"}, {}, cwd=self.dir)
+        self.assertIn("--api-key-file", str(e.exception))
+
+    def test_debug_and_log_level(self) -> None:
+        env = {"OPENAI_API_KEY": "k", "OPENAI_PROXY_DEBUG": "1"}
+        self.assertEqual(build_config({}, env, cwd=self.dir).log_level, "debug")
+        env = {"OPENAI_API_KEY": "k", "LOG_LEVEL": "WARNING"}
+        self.assertEqual(build_config({}, env, cwd=self.dir).log_level, "warn")
+        with self.assertRaises(ConfigError) as e:
+            build_config({"log-level": "loud"}, {"OPENAI_API_KEY": "k"}, cwd=self.dir)
+        self.assertIn("--log-level", str(e.exception))
+
+    def test_bad_values_name_the_setting(self) -> None:
+        env = {"OPENAI_API_KEY": "k"}
+        cases = [
+            ({"upstream-url": "http://x"}, "--upstream-url"),
+            ({"voice": "nova"}, "--voice"),
+            ({"max-sessions": "many"}, "--max-sessions"),
+            ({"handshake-timeout": "-1"}, "--handshake-timeout"),
+        ]
+        for options, name in cases:
+            with self.assertRaises(ConfigError) as e:
+                build_config(options, env, cwd=self.dir)
+            self.assertIn(name, str(e.exception))
+
+    def test_upstream_url_gets_model(self) -> None:
+        config = build_config({}, {"OPENAI_API_KEY": "k"}, cwd=self.dir)
+        self.assertEqual(config.upstream_url_for("gpt-realtime-mini"),
+                         "wss://api.openai.com/v1/realtime?model=gpt-realtime-mini")
+        config = build_config({"upstream-url": "wss://h/v1/realtime?model=fixed"},
+                              {"OPENAI_API_KEY": "k"}, cwd=self.dir)
+        self.assertEqual(config.upstream_url_for("other"), "wss://h/v1/realtime?model=fixed")
+
+    def test_repr_hides_secrets(self) -> None:
+        tokens = self.write("tokens", "supersecrettoken\n")
+        config = build_config({"client-tokens-file": tokens}, {"OPENAI_API_KEY": "sk-secret"},
+                              cwd=self.dir)
+        self.assertNotIn("sk-secret", repr(config))
+        self.assertNotIn("supersecrettoken", repr(config))
