@@ -157,6 +157,7 @@ class UpstreamLink:
         self._connector: Any = None
         self._closed = False
         self._timeout: Any = None
+        self._abort_call: Any = None
         self.gate: defer.Deferred[UpstreamProtocol] = defer.Deferred()
         self.gate.addCallbacks(self._flush_gate, lambda f: None)
 
@@ -243,6 +244,8 @@ class UpstreamLink:
         self, code: int | None, reason: str | None, status: int | None, lost: Failure | None
     ) -> None:
         self._cancel_timeout()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         was_open = self._protocol is not None
         self._protocol = None
         if not self.gate.called:
@@ -299,7 +302,7 @@ class UpstreamLink:
             protocol, self._protocol = self._protocol, None
             protocol.sendClose(1000)
             # Do not wait for a slow or hostile upstream to finish the closing handshake.
-            protocol.factory.reactor.callLater(1.0, _abort, protocol)
+            self._abort_call = protocol.factory.reactor.callLater(1.0, _abort, protocol)
         elif self._connector is not None and not self._connector.called:
             self._connector.cancel()
 
@@ -541,7 +544,7 @@ class ClientProtocol(WebSocketServerProtocol):
                     call.cancel()
             elif isinstance(output, s.CloseClient):
                 if not self._gone:
-                    self.sendClose(output.code, output.reason)
+                    self.close_with(output.code, output.reason)
                 if self._upstream is not None:
                     self._upstream.close()
             elif isinstance(output, s.CloseUpstream):
@@ -567,10 +570,19 @@ class ClientProtocol(WebSocketServerProtocol):
 
         self._timers[name] = self.factory.reactor.callLater(seconds, fire)
 
+    def close_with(self, code: int, reason: str) -> None:
+        """
+        Start the closing handshake with ``code``.  Autobahn's ``sendClose`` only accepts 1000 and
+        3000-4999, but RFC 6455's 1001 (going away) and 1011 (internal error) are the honest codes here.
+        """
+        if self.state == self.STATE_OPEN:
+            reason_bytes = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+            self.sendCloseFrame(code=code, reasonUtf8=reason_bytes)
+
     def shut_down(self) -> None:
         """Close for a daemon shutdown: the client may reconnect elsewhere."""
         if not self._gone:
-            self.sendClose(1001, "server shutting down")
+            self.close_with(1001, "server shutting down")
 
 
 def _peek_type(text: str) -> str | None:
@@ -670,6 +682,8 @@ class ClientFactory(WebSocketServerFactory):
             maxMessagePayloadSize=limits.max_message_bytes,
             openHandshakeTimeout=limits.handshake_timeout,
             closeHandshakeTimeout=2.0,
+            # Refuse oversized messages with a close frame (1009) rather than a bare TCP drop.
+            failByDrop=False,
             autoPingInterval=limits.ping_interval or 0,
             autoPingTimeout=limits.ping_interval * 2 if limits.ping_interval else 0,
             # Browsers on file:// send Origin: null; this call resets the flag, so set it here.
