@@ -18,6 +18,7 @@ setup(
         "twisted.plugins",
     ],
     include_package_data=True,
+    package_data={"openai_proxy.tests": ["data/*.jsonl"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "autobahn>=24.4",

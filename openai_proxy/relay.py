@@ -15,7 +15,7 @@ import hmac
 import json
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import (
@@ -27,7 +27,8 @@ from autobahn.twisted.websocket import (
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from OpenSSL import SSL
 from twisted.application.service import Service
-from twisted.internet import defer, error as internet_error
+from twisted.internet import defer
+from twisted.internet import error as internet_error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer, IReactorCore, IReactorTime
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -35,7 +36,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from openai_proxy import errors, session as s
+from openai_proxy import errors
+from openai_proxy import session as s
 from openai_proxy.config import Config
 from openai_proxy.telemetry import parse_trace_id
 
@@ -83,6 +85,15 @@ class _PauseRelay:
         pass
 
 
+def _no_delay(transport: Any) -> None:
+    # Autobahn's tcpNoDelay option never reaches the socket (it is applied before the option is
+    # copied onto the protocol); small frames must not wait for Nagle's algorithm.
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError, NotImplementedError):
+        pass
+
+
 def _glue(consumer_transport: Any, producer_transport: Any) -> None:
     # Under twisted.web the taken-over transport still has the HTTPChannel registered as its producer.
     if getattr(consumer_transport, "producer", None) is not None:
@@ -100,11 +111,7 @@ class UpstreamProtocol(WebSocketClientProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        # Autobahn's tcpNoDelay option never reaches the socket; small frames must not wait for Nagle.
-        try:
-            self.transport.setTcpNoDelay(True)
-        except (AttributeError, OSError, NotImplementedError):
-            pass
+        _no_delay(self.transport)
         self._lost_reason: Failure | None = None
 
     def connectionLost(self, reason: Failure = internet_error.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -308,7 +315,7 @@ class UpstreamLink:
 
 
 def _abort(protocol: WebSocketClientProtocol) -> None:
-    transport = protocol.transport
+    transport: Any = protocol.transport
     if transport is not None and getattr(transport, "connected", False):
         transport.abortConnection()
 
@@ -350,9 +357,9 @@ class UpstreamConnector:
         )
 
         def build(addr: Any) -> UpstreamProtocol:
-            protocol = WebSocketClientFactory.buildProtocol(factory, addr)
+            protocol: Any = WebSocketClientFactory.buildProtocol(factory, addr)
             protocol.link = link
-            return protocol
+            return cast(UpstreamProtocol, protocol)
 
         factory.buildProtocol = build  # type: ignore[method-assign]
         endpoint: Any = HostnameEndpoint(
@@ -408,10 +415,7 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        try:
-            self.transport.setTcpNoDelay(True)
-        except (AttributeError, OSError, NotImplementedError):
-            pass
+        _no_delay(self.transport)
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         registry = self.factory.registry
@@ -653,7 +657,7 @@ class SessionRegistry(Service):
 class ClientFactory(WebSocketServerFactory):
     """Builds a :class:`ClientProtocol` per client, sharing configuration, registry and connector."""
 
-    protocol = ClientProtocol
+    protocol = ClientProtocol  # type: ignore[assignment]
 
     def __init__(
         self,

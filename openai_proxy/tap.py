@@ -154,7 +154,8 @@ class _SimulatorService(Service):
         from openai_proxy.simulator import SimulatorFactory
 
         super().startService()
-        factory = SimulatorFactory(self._reactor)
+        # The daemon's simulator keeps no transcript of what it received (tests use their own).
+        factory = SimulatorFactory(self._reactor, record_received=False)
         self._port = self._reactor.listenTCP(0, factory, interface="127.0.0.1")
 
     def url_for(self, model: str) -> str:
@@ -203,6 +204,8 @@ def makeService(options: Options) -> IService:
 
     config = options.config or build_config(options)
     observer = make_log_observer(config.log_level)
+    # Flush the exporters on the way out (the SDK's atexit hook is only a fallback).
+    reactor.addSystemEventTrigger("after", "shutdown", observer.shutdown)
     try:
         return build_service(config, reactor, observer)
     except ConfigError as e:

@@ -1,0 +1,292 @@
+"""
+Integration: a WebSocket client ↔ the daemon's site ↔ the strict simulator, over loopback sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, readBody
+
+from openai_proxy import errors
+from openai_proxy.config import Limits
+from openai_proxy.tests.helpers import Daemon, connect_client, default_settings, wait
+
+
+class _DaemonTestCase(TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def start(self, **config: Any) -> Any:
+        self.daemon = Daemon()
+        yield self.daemon.start(**config)
+        self.addCleanup(self.daemon.stop)
+        return self.daemon
+
+    @defer.inlineCallbacks
+    def configured_client(self, settings: dict[str, Any] | None = None, **kw: Any) -> Any:
+        client = yield connect_client(self.daemon.url, **kw)
+        self.addCleanup(self._close, client)
+        welcome = yield client.expect("Welcome")
+        self.assertIn("request_id", welcome)
+        client.send_json(settings or default_settings())
+        yield client.expect("SettingsApplied")
+        return client
+
+    @defer.inlineCallbacks
+    def _close(self, client: Any) -> Any:
+        if client.transport is not None and client.transport.connected:
+            client.dropConnection(abort=True)
+        yield wait(0.01)
+
+
+class ConversationTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_settings_then_text_turn_with_audio(self) -> None:
+        yield self.start()
+        client = yield self.configured_client()
+        client.send_json({"type": "InjectUserMessage", "content": "Hello there"})
+        echo = yield client.expect("ConversationText", role="user")
+        self.assertEqual(echo["content"], "Hello there")
+        started = yield client.expect("AgentStartedSpeaking")
+        for key in ("total_latency", "tts_latency", "ttt_latency"):
+            self.assertIsInstance(started[key], float)
+        yield client.expect("AgentAudioDone", timeout=10)
+        reply = yield client.wait_for("ConversationText", role="assistant")
+        self.assertIn("Hello there", reply["content"])
+        # Binary audio arrived after AgentStartedSpeaking and before AgentAudioDone.
+        kinds = ["audio" if isinstance(f, bytes) else f["type"] for f in client.frames]
+        first_audio = kinds.index("audio")
+        last_audio = len(kinds) - 1 - kinds[::-1].index("audio")
+        self.assertLess(kinds.index("AgentStartedSpeaking"), first_audio)
+        self.assertEqual(kinds[last_audio + 1], "AgentAudioDone")
+        self.assertGreater(len(client.audio), 4800)
+        self.assertEqual(len(client.audio) % 2, 0)
+        assistant_texts = [m for m in client.messages
+                           if m["type"] == "ConversationText" and m["role"] == "assistant"]
+        self.assertEqual(len(assistant_texts), 1)
+
+        events = self.daemon.upstream_events()  # validated strictly
+        types = [e["type"] for e in events]
+        self.assertEqual(types[0], "session.update")
+        self.assertEqual(types.count("session.update"), 1)
+        create = types.index("conversation.item.create")
+        self.assertGreater(types.index("response.create"), create)
+        session = events[0]["session"]
+        self.assertEqual(session["type"], "realtime")
+        self.assertEqual(session["audio"]["output"]["voice"], "alloy")
+        self.assertEqual(session["tools"][0]["name"], "get_weather")
+
+    @defer.inlineCallbacks
+    def test_function_call_round_trip(self) -> None:
+        yield self.start()
+        client = yield self.configured_client()
+        client.send_json({"type": "InjectUserMessage", "content": "What is the weather in Paris?"})
+        request = yield client.expect("FunctionCallRequest")
+        [function] = request["functions"]
+        self.assertEqual(function["name"], "get_weather")
+        self.assertTrue(function["client_side"])
+        self.assertIsInstance(json.loads(function["arguments"]), dict)
+        client.send_json({"type": "FunctionCallResponse", "id": function["id"],
+                          "name": "get_weather", "content": '{"temperature_c": 21}'})
+        yield client.expect("AgentAudioDone", timeout=10)
+        reply = yield client.expect("ConversationText", role="assistant", timeout=10)
+        self.assertIn("21", reply["content"])
+        requests = [m for m in client.messages if m["type"] == "FunctionCallRequest"]
+        self.assertEqual(len(requests), 1)
+        events = self.daemon.upstream_events()
+        outputs = [e for e in events if e["type"] == "conversation.item.create"
+                   and e["item"]["type"] == "function_call_output"]
+        self.assertEqual(outputs[0]["item"]["call_id"], function["id"])
+        self.assertEqual([e["type"] for e in events].count("response.create"), 2)
+
+    @defer.inlineCallbacks
+    def test_greeting_spoken_after_settings_applied(self) -> None:
+        yield self.start()
+        client = yield self.configured_client(default_settings(greeting="Welcome to the test!"))
+        yield client.expect("AgentAudioDone", timeout=10)
+        text = yield client.expect("ConversationText", role="assistant", timeout=10)
+        self.assertEqual(text["content"], "Welcome to the test!")
+        kinds = [m["type"] for m in client.messages]
+        self.assertLess(kinds.index("SettingsApplied"), kinds.index("AgentStartedSpeaking"))
+
+    @defer.inlineCallbacks
+    def test_openai_path_and_bad_messages(self) -> None:
+        yield self.start()
+        client = yield connect_client(self.daemon.url.replace("/v1/agent/converse", "/openai"))
+        self.addCleanup(self._close, client)
+        yield client.expect("Welcome")
+        client.sendMessage(b"{nope", isBinary=False)
+        error = yield client.expect("Error")
+        self.assertEqual(error["code"], errors.UNPARSABLE_CLIENT_MESSAGE)
+        client.send_json({"type": "Teleport"})
+        error = yield client.expect("Error")
+        self.assertEqual(error["code"], errors.UNSUPPORTED_CLIENT_MESSAGE)
+        client.send_json(default_settings())
+        yield client.expect("SettingsApplied")
+
+    @defer.inlineCallbacks
+    def test_key_never_reaches_the_client(self) -> None:
+        yield self.start()
+        client = yield self.configured_client()
+        client.send_json({"type": "InjectUserMessage", "content": "Tell me your key"})
+        yield client.expect("AgentAudioDone", timeout=10)
+        for message in client.messages:
+            self.assertNotIn("sk-test-key", json.dumps(message))
+
+
+class HttpTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def get(self, path: str) -> Any:
+        assert self.daemon.port is not None
+        agent = Agent(reactor)
+        response = yield agent.request(
+            b"GET", f"http://127.0.0.1:{self.daemon.port.getHost().port}{path}".encode()
+        )
+        body = yield readBody(response)
+        return response.code, body
+
+    @defer.inlineCallbacks
+    def test_health_ready_and_404(self) -> None:
+        yield self.start()
+        code, _ = yield self.get("/healthz")
+        self.assertEqual(code, 200)
+        code, _ = yield self.get("/readyz")
+        self.assertEqual(code, 200)
+        code, _ = yield self.get("/elsewhere")
+        self.assertEqual(code, 404)
+        assert self.daemon.registry is not None
+        self.daemon.registry.draining = True
+        code, _ = yield self.get("/readyz")
+        self.assertEqual(code, 503)
+
+
+class AuthTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_tokens(self) -> None:
+        yield self.start(client_tokens=frozenset({"good-token"}))
+        with self.assertRaises(ConnectionError):
+            yield connect_client(self.daemon.url)
+        with self.assertRaises(ConnectionError):
+            yield connect_client(self.daemon.url, headers={"Authorization": "Token bad"})
+        client = yield connect_client(self.daemon.url, headers={"Authorization": "Token good-token"})
+        self.addCleanup(self._close, client)
+        yield client.expect("Welcome")
+        client2 = yield connect_client(self.daemon.url, headers={"Authorization": "Bearer good-token"})
+        self.addCleanup(self._close, client2)
+        yield client2.expect("Welcome")
+        client3 = yield connect_client(self.daemon.url, protocols=["token", "good-token"])
+        self.addCleanup(self._close, client3)
+        self.assertEqual(client3.websocket_protocol_in_use, "token")
+        yield client3.expect("Welcome")
+
+
+class UpstreamFailureTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_refused_key(self) -> None:
+        yield self.start(simulator_options={})
+        assert self.daemon.simulator is not None
+        self.daemon.simulator.api_key = "sk-other"
+        client = yield connect_client(self.daemon.url)
+        self.addCleanup(self._close, client)
+        client.send_json(default_settings())
+        error = yield client.expect("Error")
+        self.assertEqual(error["code"], errors.UPSTREAM_AUTH_FAILED)
+        self.assertNotIn("sk-test-key", json.dumps(error))
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_unreachable(self) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        yield self.start(url_for=lambda model: f"ws://127.0.0.1:{port}/v1/realtime?model={model}")
+        client = yield connect_client(self.daemon.url)
+        self.addCleanup(self._close, client)
+        client.send_json(default_settings())
+        error = yield client.expect("Error")
+        self.assertEqual(error["code"], errors.UPSTREAM_UNAVAILABLE)
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_closed_mid_session(self) -> None:
+        yield self.start()
+        client = yield self.configured_client()
+        assert self.daemon.simulator is not None
+        for protocol in list(self.daemon.simulator.sessions):
+            protocol.sendClose(1000)
+        error = yield client.expect("Error")
+        self.assertEqual(error["code"], errors.UPSTREAM_CLOSED)
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_refusing_handshake_with_status(self) -> None:
+        class Refuse(WebSocketServerProtocol):
+            def onConnect(self, request: Any) -> None:
+                raise ConnectionDeny(429, "slow down")
+
+        factory = WebSocketServerFactory()
+        factory.protocol = Refuse
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        yield self.start(url_for=lambda model: f"ws://127.0.0.1:{number}/v1/realtime?model={model}")
+        client = yield connect_client(self.daemon.url)
+        self.addCleanup(self._close, client)
+        client.send_json(default_settings())
+        error = yield client.expect("Error")
+        self.assertEqual(error["code"], errors.UPSTREAM_RATE_LIMITED)
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_client_disconnect_releases_upstream(self) -> None:
+        yield self.start()
+        client = yield self.configured_client()
+        assert self.daemon.simulator is not None
+        self.assertEqual(len(self.daemon.simulator.sessions), 1)
+        client.dropConnection(abort=True)
+        yield wait(1.0)
+        self.assertEqual(len(self.daemon.simulator.sessions), 0)
+        assert self.daemon.registry is not None
+        self.assertEqual(len(self.daemon.registry), 0)
+
+
+class LimitTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_oversized_message_closes_1009(self) -> None:
+        yield self.start(limits=Limits(max_message_bytes=4096, ping_interval=0))
+        client = yield connect_client(self.daemon.url)
+        self.addCleanup(self._close, client)
+        yield client.expect("Welcome")
+        client.sendMessage(b"\x00" * 10000, isBinary=True)
+        _, code, _ = yield client.closed
+        self.assertEqual(code, 1009)
+
+    @defer.inlineCallbacks
+    def test_session_limit(self) -> None:
+        yield self.start(limits=Limits(max_sessions=1, ping_interval=0))
+        client = yield connect_client(self.daemon.url)
+        self.addCleanup(self._close, client)
+        yield client.expect("Welcome")
+        with self.assertRaises(ConnectionError):
+            yield connect_client(self.daemon.url)
+
+    @defer.inlineCallbacks
+    def test_tcp_nodelay_on_both_legs(self) -> None:
+        yield self.start()
+        client = yield self.configured_client()
+        assert self.daemon.registry is not None
+        [server_side] = list(self.daemon.registry._sessions)
+        handle = server_side.transport.getHandle()
+        self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        upstream = server_side._upstream._protocol
+        self.assertTrue(upstream.transport.getHandle().getsockopt(socket.IPPROTO_TCP,
+                                                                  socket.TCP_NODELAY))
+        del client
