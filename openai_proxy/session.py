@@ -113,6 +113,10 @@ APPEND_FLUSH_TIMER = "append-flush"
 FUNCTION_FOLLOWUP_TIMER = "function-followup"
 #: How long a partial append batch may wait for more audio.
 APPEND_FLUSH_SECONDS = 0.04
+#: Client requests that may wait for the session or for the active response to end.
+MAX_WAITING_REQUESTS = 32
+#: Longest prompt UpdatePrompt may grow the instructions to (characters).
+MAX_INSTRUCTIONS_CHARS = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,7 @@ class Session:
         self._out: list[Output] = []
         self._event_seq = 0
         self._upstream_requested = False
+        self._connected_model: str | None = None
         self._upstream_open = False
         # session.update bookkeeping
         self._in_flight_updates: deque[_PendingUpdate] = deque()
@@ -225,7 +230,8 @@ class Session:
         self._response_requested = False
         self._response_queue: deque[_ResponseRequest] = deque()
         self._awaiting_items: set[str] = set()
-        self._confirmed_items: set[str] = set()
+        #: event_id of each conversation.item.create → its item id, to match upstream errors.
+        self._item_events: dict[str, str] = {}
         self._user_echo: dict[str, str] = {}
         # held input before the session is configured
         self._held_audio = bytearray()
@@ -458,6 +464,13 @@ class Session:
             self._apply_new_settings(plan)
 
     def _apply_first_settings(self, plan: SessionPlan) -> None:
+        if self._connected_model is not None and plan.model != self._connected_model:
+            # A corrected Settings after a refused one: the upstream session's model is fixed.
+            self._warning(
+                errors.SETTING_NOT_CHANGEABLE,
+                f"the model cannot change during a session; still using {self._connected_model!r}",
+            )
+            plan = replace(plan, model=self._connected_model, replaced_model=None)
         self.plan = plan
         self.phase = Phase.CONFIGURING
         if plan.replaced_model is not None:
@@ -471,6 +484,7 @@ class Session:
         self._batcher = AppendBatcher(bytes_per_ms(plan.upstream_input_format))
         if not self._upstream_requested:
             self._upstream_requested = True
+            self._connected_model = plan.model
             self._out.append(ConnectUpstream(plan.model))
         event_id = self._next_id("settings")
         self._in_flight_updates.append(_PendingUpdate(event_id, "SettingsApplied", plan))
@@ -525,7 +539,14 @@ class Session:
         if not isinstance(prompt, str):
             self._error(errors.INVALID_CLIENT_MESSAGE, "UpdatePrompt.prompt must be a string")
             return
-        self._queue_update("PromptUpdated", self._latest_plan().with_prompt_appended(prompt))
+        plan = self._latest_plan().with_prompt_appended(prompt)
+        if len(plan.instructions) > MAX_INSTRUCTIONS_CHARS:
+            self._warning(
+                errors.PROMPT_TOO_LONG,
+                f"the prompt would exceed {MAX_INSTRUCTIONS_CHARS} characters; the update was not applied",
+            )
+            return
+        self._queue_update("PromptUpdated", plan)
 
     def _on_update_speak(self, message: dict[str, Any]) -> None:
         if not self._require_settings("UpdateSpeak"):
@@ -587,8 +608,22 @@ class Session:
         self._queue_update("ListenUpdated", replace(self._latest_plan(), language=language))
 
     def _queue_update(self, ack: str, plan: SessionPlan) -> None:
+        if len(self._queued_updates) >= MAX_WAITING_REQUESTS:
+            self._error(
+                errors.TOO_MANY_REQUESTS,
+                f"too many updates are waiting for the agent's reply to end; {ack[:-7]} dropped",
+            )
+            return
         self._queued_updates.append(_QueuedUpdate(ack, plan))
         self._pump()
+
+    def _create_item(self, event: dict[str, Any]) -> str:
+        """Send a ``conversation.item.create`` and wait for the upstream to confirm its item."""
+        item_id: str = event["item"]["id"]
+        self._awaiting_items.add(item_id)
+        self._item_events[event["event_id"]] = item_id
+        self._upstream(event)
+        return item_id
 
     def _send_update(self, update: _QueuedUpdate) -> None:
         base = self._in_flight_updates[-1].plan if self._in_flight_updates else self.plan
@@ -630,6 +665,10 @@ class Session:
             )
             return
         if self.phase is not Phase.READY:
+            if len(self._held_injections) >= MAX_WAITING_REQUESTS:
+                self._error(errors.TOO_MANY_REQUESTS,
+                            "too many messages are waiting for the session to be configured")
+                return
             self._held_injections.append(content)
             return
         self._inject_user_text(content)
@@ -637,10 +676,10 @@ class Session:
     def _inject_user_text(self, content: str) -> None:
         if self._response is not None or self._audio_item is not None:
             self._interrupt_reply(cancel=True)
-        item_id = self._next_id("item")
-        self._awaiting_items.add(item_id)
+        item_id = self._create_item(
+            m.user_text_item(self._next_id("inject"), self._next_id("item"), content)
+        )
         self._user_echo[item_id] = content
-        self._upstream(m.user_text_item(self._next_id("inject"), item_id, content))
         self._turn_end = self._now()
         self._response_queue.append(
             _ResponseRequest("inject-user-message", after_items=frozenset({item_id}))
@@ -668,6 +707,9 @@ class Session:
         if behavior == "default" and busy:
             reason = "the user is speaking" if self._user_speaking else "the agent is replying"
             self._client(m.injection_refused(f"{reason}; the message was not spoken"))
+            return
+        if len(self._response_queue) >= MAX_WAITING_REQUESTS:
+            self._client(m.injection_refused("too many messages are waiting to be spoken"))
             return
         if behavior == "interrupt" and busy:
             self._interrupt_reply(cancel=True)
@@ -699,12 +741,11 @@ class Session:
                 f"no function call {call_id[:64]!r} is waiting for a response",
             )
             return
-        item_id = self._next_id("item")
         round_.outputs[call_id] = content
-        round_.output_items[call_id] = item_id
-        self._awaiting_items.add(item_id)
-        self._upstream(
-            m.function_call_output_item(self._next_id("function"), item_id, call_id, content)
+        round_.output_items[call_id] = self._create_item(
+            m.function_call_output_item(
+                self._next_id("function"), self._next_id("item"), call_id, content
+            )
         )
         self._maybe_follow_up(round_)
         self._pump()
@@ -805,21 +846,14 @@ class Session:
     def _send_history(self, plan: SessionPlan) -> None:
         for entry in plan.history:
             if entry.role is not None and entry.content is not None:
-                item_id = self._next_id("item")
-                self._awaiting_items.add(item_id)
                 builder = m.user_text_item if entry.role == "user" else m.assistant_text_item
-                self._upstream(builder(self._next_id("history"), item_id, entry.content))
+                self._create_item(builder(self._next_id("history"), self._next_id("item"),
+                                          entry.content))
             for call_id, name, arguments, response in entry.function_calls:
-                call_item = self._next_id("item")
-                output_item = self._next_id("item")
-                self._awaiting_items.update({call_item, output_item})
-                self._upstream(
-                    m.function_call_item(self._next_id("history"), call_item, call_id, name, arguments)
-                )
-                self._upstream(
-                    m.function_call_output_item(self._next_id("history"), output_item, call_id,
-                                                response)
-                )
+                self._create_item(m.function_call_item(
+                    self._next_id("history"), self._next_id("item"), call_id, name, arguments))
+                self._create_item(m.function_call_output_item(
+                    self._next_id("history"), self._next_id("item"), call_id, response))
 
     # -- barge-in ---------------------------------------------------------------------------------
 
@@ -923,9 +957,18 @@ class Session:
             self._warning(code, f"{update.ack or 'the update'} was not applied: {message}")
             self._pump()
             return
+        refused_item = self._item_events.pop(caused_by, None) if caused_by else None
+        if refused_item is not None and refused_item in self._awaiting_items:
+            # The item will never exist: nothing may wait for it.
+            self._awaiting_items.discard(refused_item)
+            self._user_echo.pop(refused_item, None)
+            self._response_queue = deque(
+                r for r in self._response_queue if refused_item not in r.after_items
+            )
         if self._response_requested and caused_by and caused_by.startswith("response_"):
             self._response_requested = False
         self._error(code, message)
+        self._pump()
 
     def _on_speech_started(self, event: dict[str, Any]) -> None:
         self._user_speaking = True
@@ -953,10 +996,11 @@ class Session:
     def _on_item_added(self, event: dict[str, Any]) -> None:
         item = event["item"]
         item_id = item.get("id")
-        if item_id in self._confirmed_items or item_id not in self._awaiting_items:
+        if item_id not in self._awaiting_items:
             return
-        self._confirmed_items.add(item_id)
         self._awaiting_items.discard(item_id)
+        for event_id in [e for e, i in self._item_events.items() if i == item_id]:
+            del self._item_events[event_id]
         echo = self._user_echo.pop(item_id, None)
         if echo is not None:
             self._conversation_text("user", echo)

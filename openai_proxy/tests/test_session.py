@@ -625,3 +625,166 @@ class LifecycleTests(SynchronousTestCase):
         self.assertIn(s.CancelTimer("function-followup:resp_1"), out)
         self.assertIn(s.CloseUpstream(), out)
         self.assertEqual(h.text({"type": "KeepAlive"}), [])
+
+
+class BoundsAndRefusalTests(SynchronousTestCase):
+    def test_refused_item_does_not_block_later_responses(self) -> None:
+        h = Harness()
+        h.configure()
+        out = h.text({"type": "InjectUserMessage", "content": "first"})
+        create = h.upstream(out)[0]
+        out = h.up("error", error={"type": "invalid_request_error", "code": "invalid_value",
+                                   "message": "bad item", "event_id": create["event_id"]})
+        self.assertEqual(h.client(out)[0]["code"], "invalid_value")
+        self.assertNotIn("response.create", h.upstream_types(out))
+        out = h.text({"type": "InjectUserMessage", "content": "second"})
+        out = h.confirm_item(h.upstream(out)[0]["item"]["id"])
+        self.assertEqual(h.upstream_types(out), ["response.create"])
+
+    def test_waiting_messages_are_bounded(self) -> None:
+        h = Harness()
+        errors_seen = []
+        for i in range(s.MAX_WAITING_REQUESTS + 3):
+            out = h.text({"type": "InjectUserMessage", "content": f"m{i}"})
+            errors_seen += [m["code"] for m in h.client(out)]
+        self.assertEqual(errors_seen, [errors.TOO_MANY_REQUESTS] * 3)
+
+        h.configure()
+        h.start_response("resp_long")
+        codes = []
+        for i in range(s.MAX_WAITING_REQUESTS + 2):
+            out = h.text({"type": "UpdatePrompt", "prompt": f"p{i}"})
+            codes += [m["code"] for m in h.client(out)]
+        self.assertEqual(codes, [errors.TOO_MANY_REQUESTS] * 2)
+
+    def test_prompt_growth_is_bounded(self) -> None:
+        h = Harness()
+        h.configure()
+        chunk = "x" * (s.MAX_INSTRUCTIONS_CHARS // 2)
+        out = h.text({"type": "UpdatePrompt", "prompt": chunk})
+        self.assertEqual(h.upstream_types(out), ["session.update"])
+        h.up("session.updated", session={})
+        out = h.text({"type": "UpdatePrompt", "prompt": chunk})
+        self.assertEqual([m["code"] for m in h.client(out)], [errors.PROMPT_TOO_LONG])
+        self.assertEqual(h.upstream(out), [])
+
+    def test_corrected_settings_keep_the_connected_model(self) -> None:
+        h = Harness()
+        message = settings()
+        message["agent"]["think"]["provider"]["model"] = "gpt-realtime-mini"
+        out = h.text(message)
+        event_id = h.upstream(out)[0]["event_id"]
+        h.up("error", error={"type": "invalid_request_error", "code": "invalid_value",
+                             "message": "no", "event_id": event_id})
+        out = h.text(settings())
+        self.assertFalse(any(isinstance(o, s.ConnectUpstream) for o in out))
+        self.assertIn(errors.SETTING_NOT_CHANGEABLE,
+                      [m.get("code") for m in h.client(out)])
+
+
+class RuntimeUpdateTests(SynchronousTestCase):
+    def test_update_speak_before_agent_audio_changes_voice_in_one_event(self) -> None:
+        h = Harness()
+        h.configure()
+        out = h.text({"type": "UpdateSpeak", "speak": {"provider": {"type": "open_ai", "model": "x",
+                                                                    "voice": "coral"}}})
+        [update] = h.upstream(out)
+        self.assertEqual(update["session"], {"type": "realtime",
+                                             "audio": {"output": {"voice": "coral"}}})
+        out = h.up("session.updated", session={})
+        self.assertEqual(h.client_types(out), ["SpeakUpdated"])
+
+    def test_voice_goes_alone_after_agent_audio_and_refusal_warns(self) -> None:
+        h = Harness()
+        h.configure()
+        h.start_response("resp_1")
+        h.audio("resp_1", "item_a", 960)
+        h.up("response.done", response={"id": "resp_1", "status": "completed", "output": []})
+        out = h.text({"type": "UpdateSpeak", "speak": {"provider": {
+            "type": "open_ai", "model": "x", "voice": "coral", "speed": 1.3}}})
+        first, second = h.upstream(out)
+        self.assertEqual(first["session"], {"type": "realtime", "audio": {"output": {"speed": 1.3}}})
+        self.assertEqual(second["session"], {"type": "realtime",
+                                             "audio": {"output": {"voice": "coral"}}})
+        out = h.up("session.updated", session={})
+        self.assertEqual(h.client_types(out), ["SpeakUpdated"])
+        out = h.up("error", error={"type": "invalid_request_error", "code": "cannot_update_voice",
+                                   "message": "Cannot update voice", "event_id": second["event_id"]})
+        [warning] = h.client(out)
+        self.assertEqual((warning["type"], warning["code"]), ("Warning", errors.VOICE_LOCKED))
+
+    def test_update_think_replaces_prompt_and_tools(self) -> None:
+        h = Harness()
+        h.configure()
+        out = h.text({"type": "UpdateThink", "think": {
+            "provider": {"type": "open_ai", "model": "gpt-realtime"},
+            "prompt": "New prompt.",
+            "functions": [{"name": "lookup", "description": "Look up",
+                           "parameters": {"type": "object", "properties": {}}}]}})
+        [update] = h.upstream(out)
+        self.assertEqual(update["session"]["instructions"], "New prompt.")
+        self.assertEqual([t["name"] for t in update["session"]["tools"]], ["lookup"])
+        out = h.up("session.updated", session={})
+        self.assertEqual(h.client_types(out), ["ThinkUpdated"])
+
+    def test_update_listen_language_and_unsupported_fields(self) -> None:
+        h = Harness()
+        h.configure()
+        out = h.text({"type": "UpdateListen", "listen": {"provider": {
+            "type": "deepgram", "version": "v2", "model": "flux-general-multi",
+            "language_hints": ["de"], "eot_threshold": 0.8}}})
+        [warning] = h.client(out)
+        self.assertEqual(warning["code"], errors.UNSUPPORTED_SETTING)
+        self.assertIn("eot_threshold", warning["description"])
+        [update] = h.upstream(out)
+        self.assertEqual(update["session"]["audio"]["input"]["transcription"]["language"], "de")
+        out = h.up("session.updated", session={})
+        self.assertEqual(h.client_types(out), ["ListenUpdated"])
+
+    def test_second_settings_applies_changes(self) -> None:
+        h = Harness()
+        h.configure()
+        out = h.text(settings(think={"provider": {"type": "open_ai", "model": "gpt-4o-mini"},
+                                     "prompt": "Changed."}))
+        [update] = h.upstream(out)
+        self.assertEqual(update["session"]["instructions"], "Changed.")
+        self.assertEqual(update["session"]["tools"], [])
+        out = h.up("session.updated", session={})
+        self.assertEqual(h.client_types(out), ["SettingsApplied"])
+
+    def test_update_before_settings_is_an_error(self) -> None:
+        h = Harness()
+        out = h.text({"type": "UpdatePrompt", "prompt": "x"})
+        self.assertEqual(h.client(out)[0]["code"], errors.SETTINGS_REQUIRED)
+
+
+class InjectAgentMessageTests(SynchronousTestCase):
+    def test_spoken_verbatim_when_idle(self) -> None:
+        h = Harness()
+        h.configure()
+        out = h.text({"type": "InjectAgentMessage", "message": "One moment please."})
+        [create] = h.upstream(out)
+        self.assertEqual(create["type"], "response.create")
+        self.assertIn('"One moment please."', create["response"]["instructions"])
+
+    def test_refused_while_user_speaks_or_agent_replies(self) -> None:
+        h = Harness()
+        h.configure()
+        h.up("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u")
+        out = h.text({"type": "InjectAgentMessage", "message": "Hi"})
+        self.assertEqual(h.client_types(out), ["InjectionRefused"])
+        self.assertEqual(h.upstream(out), [])
+        h.up("input_audio_buffer.speech_stopped", audio_end_ms=500, item_id="u")
+        h.start_response("resp_1")
+        out = h.text({"type": "InjectAgentMessage", "message": "Hi"})
+        self.assertEqual(h.client_types(out), ["InjectionRefused"])
+
+    def test_interrupt_behaviour_cancels_the_reply(self) -> None:
+        h = Harness()
+        h.configure()
+        h.start_response("resp_1")
+        h.audio("resp_1", "item_a", 960)
+        out = h.text({"type": "InjectAgentMessage", "message": "Stop.", "behavior": "interrupt"})
+        self.assertEqual(h.upstream_types(out)[:2], ["response.cancel", "conversation.item.truncate"])
+        out = h.up("response.done", response={"id": "resp_1", "status": "cancelled", "output": []})
+        self.assertEqual(h.upstream_types(out), ["response.create"])
