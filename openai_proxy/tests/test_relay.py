@@ -290,3 +290,44 @@ class LimitTests(_DaemonTestCase):
         self.assertTrue(upstream.transport.getHandle().getsockopt(socket.IPPROTO_TCP,
                                                                   socket.TCP_NODELAY))
         del client
+
+
+def _buffered(transport: Any) -> int:
+    """Bytes a Twisted TCP transport holds in user space, waiting for the socket."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+class BackpressureTests(_DaemonTestCase):
+    timeout = 40
+
+    @defer.inlineCallbacks
+    def test_slow_client_pauses_the_upstream_instead_of_queueing(self) -> None:
+        yield self.start()
+        client = yield self.configured_client()
+        assert self.daemon.registry is not None
+        [server_side] = list(self.daemon.registry._sessions)
+        # Small kernel buffers on both ends so the daemon's own buffer is what fills up.
+        client.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        server_side.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client.transport.pauseProducing()
+        client.send_json({"type": "InjectUserMessage", "content": "tell me a long story " * 5})
+        upstream_transport = server_side._upstream._protocol.transport
+        peak = 0
+        paused_seen = False
+        for _ in range(40):
+            yield wait(0.05)
+            peak = max(peak, _buffered(server_side.transport))
+            paused_seen = paused_seen or upstream_transport not in reactor.getReaders()
+        self.assertTrue(paused_seen, "the upstream leg was never paused")
+        # One upstream delta can land after the pause; the daemon never holds much more than that.
+        self.assertLess(peak, 512 * 1024)
+        client.transport.resumeProducing()
+        yield client.expect("AgentAudioDone", timeout=30)
+        # Nothing was lost: the whole reply arrived once the client read again.
+        assert self.daemon.simulator is not None
+        [simulated] = self.daemon.simulator.sessions
+        produced_ms = sum(item.audio_ms for item in simulated.session.conversation
+                          if item.role == "assistant")
+        self.assertGreater(produced_ms, 3_000)
+        # audio_ms is rounded to whole milliseconds (48 bytes).
+        self.assertLessEqual(abs(len(client.audio) - produced_ms * 48), 48)
