@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -54,6 +54,10 @@ class Limits:
     shutdown_grace: float = 30.0
     #: Seconds between WebSocket pings to the client (0 disables).
     ping_interval: float = 20.0
+    #: Seconds a server-side function endpoint has to answer.
+    function_timeout: float = 10.0
+    #: Largest server-side function response body, in bytes.
+    function_max_response_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class Config:
     log_level: str = "info"
     simulator: bool = False
     upstream_ca: str | None = None
+    #: URL prefixes server-side functions may call; empty means the feature is off.
+    function_url_prefixes: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
 
     def model_allowed(self, name: str) -> bool:
@@ -243,6 +249,19 @@ def build_config(
     if upstream_ca and not os.path.isfile(upstream_ca):
         raise ConfigError(f"--upstream-ca: {upstream_ca} does not exist")
 
+    prefixes_raw = pick("function-url-prefixes", "OPENAI_PROXY_FUNCTION_URL_PREFIXES")
+    function_url_prefixes: tuple[str, ...] = ()
+    if prefixes_raw:
+        from openai_proxy.functions import check_prefix
+
+        checked = []
+        for prefix in _split_list(prefixes_raw):
+            try:
+                checked.append(check_prefix(prefix))
+            except ValueError as e:
+                raise ConfigError(f"--function-url-prefixes: {prefix!r}: {e}") from None
+        function_url_prefixes = tuple(checked)
+
     defaults = Limits()
     limits = Limits(
         max_message_bytes=_positive_number(
@@ -279,6 +298,16 @@ def build_config(
             "--ping-interval",
             allow_zero=True,
         ),
+        function_timeout=_positive_number(
+            pick("function-timeout", "OPENAI_PROXY_FUNCTION_TIMEOUT") or defaults.function_timeout,
+            "--function-timeout",
+        ),
+        function_max_response_bytes=_positive_number(
+            pick("function-max-response-bytes", "OPENAI_PROXY_FUNCTION_MAX_RESPONSE_BYTES")
+            or defaults.function_max_response_bytes,
+            "--function-max-response-bytes",
+            integer=True,
+        ),
     )
 
     return Config(
@@ -293,30 +322,7 @@ def build_config(
         log_level=log_level,
         simulator=simulator,
         upstream_ca=upstream_ca,
+        function_url_prefixes=function_url_prefixes,
         limits=limits,
     )
 
-
-def option_names() -> Sequence[str]:
-    """The long option names :func:`build_config` reads (for the twistd Options class)."""
-    return (
-        "env-file",
-        "api-key-file",
-        "listen",
-        "upstream-url",
-        "model",
-        "allowed-models",
-        "voice",
-        "transcription-model",
-        "client-tokens-file",
-        "log-level",
-        "upstream-ca",
-        "max-message-bytes",
-        "max-sessions",
-        "handshake-timeout",
-        "audio-buffer-seconds",
-        "function-call-timeout",
-        "shutdown-grace",
-        "ping-interval",
-        "simulator",
-    )

@@ -39,6 +39,7 @@ from zope.interface import implementer
 from openai_proxy import errors
 from openai_proxy import session as s
 from openai_proxy.config import Config
+from openai_proxy.functions import FunctionCaller
 from openai_proxy.telemetry import parse_trace_id
 
 _log = Logger(namespace="openai_proxy")
@@ -411,6 +412,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self.trace_id: str | None = None
         self._upstream: UpstreamLink | None = None
         self._timers: dict[str, Any] = {}
+        self._function_calls: set[defer.Deferred[str]] = set()
         self._gone = False
 
     def connectionMade(self) -> None:
@@ -483,6 +485,8 @@ class ClientProtocol(WebSocketServerProtocol):
             if call.active():
                 call.cancel()
         self._timers.clear()
+        for call in list(self._function_calls):
+            call.cancel()
         if self._upstream is not None:
             self._upstream.close()
         self.factory.registry.remove(self)
@@ -540,6 +544,8 @@ class ClientProtocol(WebSocketServerProtocol):
             elif isinstance(output, s.ConnectUpstream):
                 self._upstream = UpstreamLink(self)
                 self._upstream.connect(self.factory.connector, output.model)
+            elif isinstance(output, s.CallFunction):
+                self._call_function(output)
             elif isinstance(output, s.StartTimer):
                 self._start_timer(output.name, output.seconds)
             elif isinstance(output, s.CancelTimer):
@@ -561,6 +567,25 @@ class ClientProtocol(WebSocketServerProtocol):
                     trace_id=self.trace_id,
                     **output.fields,
                 )
+
+    def _call_function(self, call: s.CallFunction) -> None:
+        caller = self.factory.function_caller
+        if caller is None:
+            # Settings refuse endpoints when no prefix is configured; this guards the contract.
+            result: defer.Deferred[str] = defer.succeed(
+                '{"error": "disabled", "message": "server-side functions are not enabled"}'
+            )
+        else:
+            result = caller.call(call.endpoint, call.name, call.arguments)
+        self._function_calls.add(result)
+
+        def answered(content: str) -> None:
+            self._function_calls.discard(result)
+            if self.session is not None and not self._gone:
+                self._carry_out(self.session.function_result(call.call_id, content))
+
+        result.addCallback(answered)
+        result.addErrback(lambda f: f.trap(defer.CancelledError))
 
     def _start_timer(self, name: str, seconds: float) -> None:
         previous = self._timers.pop(name, None)
@@ -665,8 +690,10 @@ class ClientFactory(WebSocketServerFactory):
         config: Config,
         registry: SessionRegistry,
         connector: UpstreamConnector,
+        function_caller: FunctionCaller | None = None,
     ) -> None:
         super().__init__()
+        self.function_caller = function_caller
         self.reactor = reactor
         self.config = config
         self.registry = registry
@@ -679,6 +706,7 @@ class ClientFactory(WebSocketServerFactory):
             transcription_model=config.transcription_model,
             audio_buffer_seconds=config.limits.audio_buffer_seconds,
             function_call_timeout=config.limits.function_call_timeout,
+            function_url_prefixes=config.function_url_prefixes,
         )
         limits = config.limits
         self.setProtocolOptions(

@@ -22,6 +22,7 @@ from typing import Any
 
 from openai_proxy import errors
 from openai_proxy.audio import AppendBatcher, InputConverter, OutputConverter, bytes_per_ms
+from openai_proxy.functions import Endpoint
 from openai_proxy.translate import messages as m
 from openai_proxy.translate.settings import (
     SessionPlan,
@@ -67,6 +68,16 @@ class SendUpstream:
 
 
 @dataclass(frozen=True)
+class CallFunction:
+    """Call a server-side function's endpoint; answer with :meth:`Session.function_result`."""
+
+    call_id: str
+    name: str
+    arguments: str
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True)
 class StartTimer:
     name: str
     seconds: float
@@ -102,6 +113,7 @@ Output = (
     | SendClientAudio
     | ConnectUpstream
     | SendUpstream
+    | CallFunction
     | StartTimer
     | CancelTimer
     | CloseClient
@@ -129,6 +141,8 @@ class SessionOptions:
     transcription_model: str
     audio_buffer_seconds: float = 5.0
     function_call_timeout: float = 10.0
+    #: URL prefixes server-side functions may call; empty: functions with an endpoint are refused.
+    function_url_prefixes: tuple[str, ...] = ()
 
 
 class Phase(enum.Enum):
@@ -196,6 +210,8 @@ class _CallRound:
     names: dict[str, str]
     arguments: dict[str, str]
     outputs: dict[str, str] = field(default_factory=dict)
+    #: Calls the daemon runs itself (functions with an endpoint).
+    server_side: set[str] = field(default_factory=set)
     output_items: dict[str, str] = field(default_factory=dict)
     response_ended: bool = False
     timer_running: bool = False
@@ -454,6 +470,7 @@ class Session:
                 default_model=self.options.default_model,
                 model_allowed=self.options.model_allowed,
                 default_voice=self.options.default_voice,
+                function_url_prefixes=self.options.function_url_prefixes,
             )
         except SettingsError as e:
             self._error(errors.INVALID_SETTINGS, e.description)
@@ -568,7 +585,7 @@ class Session:
         if not self._require_settings("UpdateThink"):
             return
         try:
-            think = parse_think(message.get("think"), "think")
+            think = parse_think(message.get("think"), "think", self.options.function_url_prefixes)
         except SettingsError as e:
             self._error(errors.INVALID_CLIENT_MESSAGE, e.description)
             return
@@ -733,14 +750,32 @@ class Session:
         if not isinstance(content, str):
             self._error(errors.INVALID_CLIENT_MESSAGE, "FunctionCallResponse.content must be a string")
             return
-        round_id = self._call_to_round.get(call_id)
-        round_ = self._call_rounds.get(round_id) if round_id else None
-        if round_ is None or call_id in round_.outputs:
+        round_ = self._waiting_round(call_id)
+        if round_ is None or call_id in round_.server_side:
             self._error(
                 errors.UNKNOWN_FUNCTION_CALL,
                 f"no function call {call_id[:64]!r} is waiting for a response",
             )
             return
+        self._function_output(round_, call_id, content)
+
+    def function_result(self, call_id: str, content: str) -> list[Output]:
+        """A server-side function's endpoint answered (or failed: ``content`` then says why)."""
+        round_ = self._waiting_round(call_id)
+        if self.phase is Phase.CLOSED or round_ is None:
+            return self._flush()
+        self._client(m.function_call_response(call_id, round_.names[call_id], content))
+        self._function_output(round_, call_id, content)
+        return self._flush()
+
+    def _waiting_round(self, call_id: str) -> _CallRound | None:
+        round_id = self._call_to_round.get(call_id)
+        round_ = self._call_rounds.get(round_id) if round_id else None
+        if round_ is None or call_id in round_.outputs:
+            return None
+        return round_
+
+    def _function_output(self, round_: _CallRound, call_id: str, content: str) -> None:
         round_.outputs[call_id] = content
         round_.output_items[call_id] = self._create_item(
             m.function_call_output_item(
@@ -807,7 +842,7 @@ class Session:
                         {
                             "id": call_id,
                             "name": round_.names[call_id],
-                            "client_side": True,
+                            "client_side": call_id not in round_.server_side,
                             "arguments": round_.arguments[call_id],
                             "response": round_.outputs[call_id],
                         }
@@ -1131,7 +1166,15 @@ class Session:
         round_.names[call_id] = name
         round_.arguments[call_id] = arguments
         self._call_to_round[call_id] = response_id
-        self._client(m.function_call_request(call_id, name, arguments))
+        # The tools the upstream knows are those of the applied plan.
+        plan = self.plan
+        function = next((f for f in plan.functions if f.name == name), None) if plan else None
+        if function is not None and function.endpoint is not None:
+            round_.server_side.add(call_id)
+            self._client(m.function_call_request(call_id, name, arguments, client_side=False))
+            self._out.append(CallFunction(call_id, name, arguments, function.endpoint))
+        else:
+            self._client(m.function_call_request(call_id, name, arguments))
 
     _upstream_handlers: dict[str, Callable[[Session, dict[str, Any]], None]] = {
         "session.updated": _on_session_updated,

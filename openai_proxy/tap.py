@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from openai_proxy import __version__
 from openai_proxy.config import Config, ConfigError, build_config
+from openai_proxy.functions import FunctionCaller
 from openai_proxy.relay import ClientFactory, SessionRegistry, UpstreamConnector
 from openai_proxy.web import make_site
 
@@ -61,6 +62,10 @@ class Options(usage.Options):
                                               "functions to end [10]."],
         ["shutdown-grace", None, None, "Seconds sessions get to finish after SIGTERM [30]."],
         ["ping-interval", None, None, "Seconds between pings to clients; 0 disables [20]."],
+        ["function-url-prefixes", None, None, "Comma-separated URL prefixes server-side functions "
+                                              "may call [OPENAI_PROXY_FUNCTION_URL_PREFIXES; none: off]."],
+        ["function-timeout", None, None, "Seconds a server-side function has to answer [10]."],
+        ["function-max-response-bytes", None, None, "Largest server-side function answer [65536]."],
     ]
 
     def __init__(self) -> None:
@@ -171,6 +176,17 @@ class _SimulatorService(Service):
         return None
 
 
+class _Closer(Service):
+    """Runs ``close`` when the daemon stops (e.g. to release a connection pool)."""
+
+    def __init__(self, close: Any) -> None:
+        self._close = close
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._close()
+
+
 def build_service(config: Config, reactor: Any, log_observer: Any = None) -> DaemonService:
     """The daemon's service tree for ``config`` (used by :func:`makeService` and by tests)."""
     root = DaemonService(config, log_observer)
@@ -189,7 +205,16 @@ def build_service(config: Config, reactor: Any, log_observer: Any = None) -> Dae
     registry = SessionRegistry(reactor, config.limits.shutdown_grace)
     registry.setServiceParent(root)
     connector = UpstreamConnector(reactor, config, url_for=url_for)
-    factory = ClientFactory(reactor, config, registry, connector)
+    caller = None
+    if config.function_url_prefixes:
+        caller = FunctionCaller(
+            reactor,
+            timeout=config.limits.function_timeout,
+            max_response_bytes=config.limits.function_max_response_bytes,
+            prefixes=config.function_url_prefixes,
+        )
+        _Closer(caller.close).setServiceParent(root)
+    factory = ClientFactory(reactor, config, registry, connector, caller)
     site = make_site(factory, registry)
     for description in config.listen:
         strports.service(description, site, reactor=reactor).setServiceParent(root)

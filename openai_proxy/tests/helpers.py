@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 
 from openai_proxy.config import Config, Limits
+from openai_proxy.functions import FunctionCaller
 from openai_proxy.relay import ClientFactory, SessionRegistry, UpstreamConnector
 from openai_proxy.simulator import SimulatorFactory, listen_simulator
 from openai_proxy.simulator.validation import validate_client_event
@@ -35,6 +36,7 @@ class Daemon:
         self.simulator: SimulatorFactory | None = None
         self.registry: SessionRegistry | None = None
         self.factory: ClientFactory | None = None
+        self.caller: FunctionCaller | None = None
 
     @defer.inlineCallbacks
     def start(self, *, url_for: Callable[[str], str] | None = None,
@@ -53,7 +55,14 @@ class Daemon:
 
         self.registry = SessionRegistry(reactor, self.config.limits.shutdown_grace)
         connector = UpstreamConnector(reactor, self.config, url_for=url_for)
-        self.factory = ClientFactory(reactor, self.config, self.registry, connector)
+        self.caller = None
+        if self.config.function_url_prefixes:
+            self.caller = FunctionCaller(
+                reactor,
+                timeout=self.config.limits.function_timeout,
+                prefixes=self.config.function_url_prefixes,
+            )
+        self.factory = ClientFactory(reactor, self.config, self.registry, connector, self.caller)
         site = make_site(self.factory, self.registry)
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         return self
@@ -83,6 +92,8 @@ class Daemon:
                 protocol.dropConnection(abort=True)
         if self.simulator_port is not None:
             yield self.simulator_port.stopListening()
+        if self.caller is not None:
+            yield self.caller.close()
         # Let aborted connections finish closing so trial sees a clean reactor.
         yield wait(0.05)
 

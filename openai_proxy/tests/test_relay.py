@@ -13,6 +13,8 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from openai_proxy import errors
 from openai_proxy.config import Limits
@@ -331,3 +333,93 @@ class BackpressureTests(_DaemonTestCase):
         self.assertGreater(produced_ms, 3_000)
         # audio_ms is rounded to whole milliseconds (48 bytes).
         self.assertLessEqual(abs(len(client.audio) - produced_ms * 48), 48)
+
+
+class _ToolServer(Resource):
+    """A function endpoint: /tools/weather answers, /tools/broken fails, /tools/slow never answers."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[bytes, bytes, dict[str, Any]]] = []
+        self.pending: list[Request] = []
+
+    def render(self, request: Request) -> Any:
+        body = json.loads(request.content.read() or b"{}")
+        self.requests.append((request.method, request.path, body))
+        request.setHeader(b"content-type", b"application/json")
+        if request.path == b"/tools/weather":
+            return json.dumps({"city": body.get("city"), "temperature_c": 17}).encode()
+        if request.path == b"/tools/broken":
+            request.setResponseCode(500)
+            return b"database exploded"
+        self.pending.append(request)
+        return NOT_DONE_YET
+
+
+class ServerSideFunctionTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def start_with_tools(self, path: str) -> Any:
+        self.tools = _ToolServer()
+        port = reactor.listenTCP(0, Site(self.tools), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = f"http://127.0.0.1:{port.getHost().port}/tools"
+
+        def finish_pending() -> None:
+            for request in self.tools.pending:
+                if not request.finished and not request._disconnected:
+                    request.finish()
+
+        self.addCleanup(finish_pending)
+        yield self.start(
+            function_url_prefixes=(base,),
+            limits=Limits(ping_interval=0, function_timeout=0.5),
+        )
+        settings = default_settings()
+        settings["agent"]["think"]["functions"][0]["endpoint"] = {
+            "url": f"{base}/{path}", "method": "POST", "headers": {"X-Api-Key": "tool-secret"}}
+        return settings
+
+    @defer.inlineCallbacks
+    def test_daemon_runs_the_function_and_the_model_gets_the_answer(self) -> None:
+        settings = yield self.start_with_tools("weather")
+        client = yield self.configured_client(settings)
+        client.send_json({"type": "InjectUserMessage", "content": "What is the weather in Paris?"})
+        request = yield client.expect("FunctionCallRequest")
+        self.assertFalse(request["functions"][0]["client_side"])
+        response = yield client.expect("FunctionCallResponse")
+        self.assertEqual(response["id"], request["functions"][0]["id"])
+        self.assertEqual(json.loads(response["content"])["temperature_c"], 17)
+        yield client.expect("AgentAudioDone", timeout=10)
+        reply = yield client.wait_for("ConversationText", role="assistant")
+        self.assertIn("17", reply["content"])
+        [(method, path, body)] = self.tools.requests
+        self.assertEqual((method, path), (b"POST", b"/tools/weather"))
+        self.assertEqual(body, json.loads(request["functions"][0]["arguments"]))
+        for message in client.messages:
+            self.assertNotIn("tool-secret", json.dumps(message))
+
+    @defer.inlineCallbacks
+    def test_failures_become_results_the_model_can_read(self) -> None:
+        for path, expected in [("broken", "http_status"), ("slow", "timeout")]:
+            settings = yield self.start_with_tools(path)
+            client = yield self.configured_client(settings)
+            client.send_json({"type": "InjectUserMessage", "content": "weather in Oslo?"})
+            response = yield client.expect("FunctionCallResponse", timeout=5)
+            self.assertEqual(json.loads(response["content"])["error"], expected)
+            yield client.expect("AgentAudioDone", timeout=10)
+            yield self._close(client)
+            yield self.daemon.stop()
+
+    @defer.inlineCallbacks
+    def test_url_outside_the_allow_list_is_refused_at_settings(self) -> None:
+        settings = yield self.start_with_tools("weather")
+        settings["agent"]["think"]["functions"][0]["endpoint"]["url"] = "http://127.0.0.2:9/tools/x"
+        client = yield connect_client(self.daemon.url)
+        self.addCleanup(self._close, client)
+        client.send_json(settings)
+        error = yield client.expect("Error")
+        self.assertEqual(error["code"], errors.INVALID_SETTINGS)
+        self.assertIn("endpoint.url", error["description"])
+        self.assertEqual(self.tools.requests, [])

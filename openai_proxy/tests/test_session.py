@@ -788,3 +788,58 @@ class InjectAgentMessageTests(SynchronousTestCase):
         self.assertEqual(h.upstream_types(out)[:2], ["response.cancel", "conversation.item.truncate"])
         out = h.up("response.done", response={"id": "resp_1", "status": "cancelled", "output": []})
         self.assertEqual(h.upstream_types(out), ["response.create"])
+
+
+class ServerSideFunctionTests(SynchronousTestCase):
+    PREFIX = "https://tools.example.com/api"
+
+    def settings_with_endpoint(self, url: str) -> dict[str, Any]:
+        message = settings()
+        message["agent"]["think"]["functions"] = [{
+            "name": "get_weather", "description": "Weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "endpoint": {"url": url, "method": "POST", "headers": {"authorization": "Bearer t0k"}},
+        }]
+        return message
+
+    def test_refused_when_not_enabled(self) -> None:
+        h = Harness()
+        [error] = h.client(h.text(self.settings_with_endpoint(self.PREFIX + "/weather")))
+        self.assertEqual(error["code"], errors.INVALID_SETTINGS)
+        self.assertIn("agent.think.functions[0].endpoint", error["description"])
+
+    def test_refused_outside_the_allow_list(self) -> None:
+        h = Harness(function_url_prefixes=(self.PREFIX,))
+        for url in ["https://evil.example.com/api/weather", self.PREFIX + "x/weather",
+                    "https://tools.example.com@evil.example.com/api/weather"]:
+            [error] = h.client(h.text(self.settings_with_endpoint(url)))
+            self.assertEqual(error["code"], errors.INVALID_SETTINGS, url)
+            self.assertIn("agent.think.functions[0].endpoint", error["description"])
+            self.assertNotIn("t0k", error["description"])
+
+    def test_daemon_calls_the_endpoint_and_reports_both_halves(self) -> None:
+        h = Harness(function_url_prefixes=(self.PREFIX,))
+        out = h.configure(self.settings_with_endpoint(self.PREFIX + "/weather"))
+        [update] = [e for e in h.upstream(out) if e["type"] == "session.update"]
+        self.assertNotIn("endpoint", json.dumps(update))
+        h.start_response("resp_1")
+        out = h.up("response.function_call_arguments.done", response_id="resp_1", item_id="fc",
+                   output_index=0, call_id="call_9", name="get_weather", arguments='{"city":"Oslo"}')
+        [request] = h.client(out)
+        self.assertFalse(request["functions"][0]["client_side"])
+        [call] = [o for o in out if isinstance(o, s.CallFunction)]
+        self.assertEqual((call.call_id, call.endpoint.url), ("call_9", self.PREFIX + "/weather"))
+        # The client may not answer a server-side call itself.
+        out = h.text({"type": "FunctionCallResponse", "id": "call_9", "name": "get_weather",
+                      "content": "forged"})
+        self.assertEqual(h.client(out)[0]["code"], errors.UNKNOWN_FUNCTION_CALL)
+        out = h.feed(h.session.function_result("call_9", '{"temp": 3}'))
+        self.assertEqual(h.client(out), [{"type": "FunctionCallResponse", "id": "call_9",
+                                          "name": "get_weather", "content": '{"temp": 3}'}])
+        [item] = h.upstream(out)
+        self.assertEqual(item["item"]["output"], '{"temp": 3}')
+        h.confirm_item(item["item"]["id"])
+        out = h.up("response.done", response={"id": "resp_1", "status": "completed", "output": []})
+        self.assertEqual(h.upstream_types(out), ["response.create"])
+        [history] = [m for m in h.client(out) if m["type"] == "History"]
+        self.assertFalse(history["function_calls"][0]["client_side"])

@@ -40,11 +40,20 @@ def history_function_calls(calls: list[dict[str, Any]]) -> dict[str, Any]:
     return {"type": "History", "function_calls": calls}
 
 
-def function_call_request(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+def function_call_request(
+    call_id: str, name: str, arguments: str, *, client_side: bool = True
+) -> dict[str, Any]:
     return {
         "type": "FunctionCallRequest",
-        "functions": [{"id": call_id, "name": name, "arguments": arguments, "client_side": True}],
+        "functions": [
+            {"id": call_id, "name": name, "arguments": arguments, "client_side": client_side}
+        ],
     }
+
+
+def function_call_response(call_id: str, name: str, content: str) -> dict[str, Any]:
+    """What a server-side function answered (Deepgram shows it to the client)."""
+    return {"type": "FunctionCallResponse", "id": call_id, "name": name, "content": content}
 
 
 def agent_started_speaking(total: float, tts: float, ttt: float) -> dict[str, Any]:

@@ -8,7 +8,7 @@ Pure functions: they validate a client's message and return plain data, raising 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,6 +20,7 @@ from openai_proxy.audio import (
     upstream_format_for,
 )
 from openai_proxy.config import OPENAI_VOICES
+from openai_proxy.functions import Endpoint, EndpointError, parse_endpoint, url_allowed
 
 #: OpenAI function names: letters, digits, underscores and dashes, at most 64.
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -43,6 +44,8 @@ class Function:
     name: str
     description: str | None
     parameters: Mapping[str, Any] | None
+    #: Set for a server-side function: the daemon calls this endpoint itself.
+    endpoint: Endpoint | None = None
 
     def as_tool(self) -> dict[str, Any]:
         """The GA ``session.tools[]`` entry."""
@@ -172,8 +175,13 @@ def _first(value: Any, path: str) -> tuple[dict[str, Any] | None, str]:
 # -- think / speak / listen ----------------------------------------------------------------------
 
 
-def parse_functions(value: Any, path: str) -> tuple[Function, ...]:
-    """``think.functions[]`` → tools; functions with an ``endpoint`` run server-side and are refused."""
+def parse_functions(
+    value: Any, path: str, url_prefixes: Sequence[str] = ()
+) -> tuple[Function, ...]:
+    """
+    ``think.functions[]`` → tools.  A function with an ``endpoint`` runs server-side: it is accepted only
+    when its URL lies inside one of the operator's ``url_prefixes``.
+    """
     functions: list[Function] = []
     seen: set[str] = set()
     for index, raw in enumerate(_list(value, path)):
@@ -192,14 +200,24 @@ def parse_functions(value: Any, path: str) -> tuple[Function, ...]:
         seen.add(name)
         description = _string(item.get("description"), f"{item_path}.description")
         parameters = _object(item.get("parameters"), f"{item_path}.parameters")
+        endpoint = None
         if item.get("endpoint") is not None:
-            _object(item.get("endpoint"), f"{item_path}.endpoint")
-            raise SettingsError(
-                f"{item_path}.endpoint",
-                "server-side functions (with an endpoint) are not enabled on this daemon; "
-                "declare the function without an endpoint and answer its FunctionCallRequest",
-            )
-        functions.append(Function(name, description, parameters))
+            if not url_prefixes:
+                raise SettingsError(
+                    f"{item_path}.endpoint",
+                    "server-side functions (with an endpoint) are not enabled on this daemon; "
+                    "declare the function without an endpoint and answer its FunctionCallRequest",
+                )
+            try:
+                endpoint = parse_endpoint(item["endpoint"])
+            except EndpointError as e:
+                raise SettingsError(f"{item_path}.endpoint.{e.field}", e.description) from None
+            if not url_allowed(endpoint.url, url_prefixes):
+                raise SettingsError(
+                    f"{item_path}.endpoint.url",
+                    "this URL is not in the daemon's allow-list for server-side functions",
+                )
+        functions.append(Function(name, description, parameters, endpoint))
     return tuple(functions)
 
 
@@ -210,7 +228,7 @@ class ThinkPlan:
     functions: tuple[Function, ...] | None
 
 
-def parse_think(value: Any, path: str) -> ThinkPlan:
+def parse_think(value: Any, path: str, url_prefixes: Sequence[str] = ()) -> ThinkPlan:
     """``agent.think`` (or ``UpdateThink.think``): provider model, prompt and functions."""
     think, think_path = _first(value, path)
     if think is None:
@@ -229,7 +247,7 @@ def parse_think(value: Any, path: str) -> ThinkPlan:
         )
     prompt = _string(think.get("prompt"), f"{think_path}.prompt")
     functions = (
-        parse_functions(think.get("functions"), f"{think_path}.functions")
+        parse_functions(think.get("functions"), f"{think_path}.functions", url_prefixes)
         if "functions" in think
         else None
     )
@@ -327,6 +345,7 @@ def parse_settings(
     default_model: str,
     model_allowed: Callable[[str], bool],
     default_voice: str,
+    function_url_prefixes: Sequence[str] = (),
 ) -> SessionPlan:
     """
     Validate a Deepgram ``Settings`` message and return the :class:`SessionPlan` it asks for.
@@ -352,7 +371,7 @@ def parse_settings(
     except UnsupportedAudioFormat as e:
         raise SettingsError(e.field, _strip_field(e.description, e.field)) from None
 
-    think = parse_think(agent.get("think"), "agent.think")
+    think = parse_think(agent.get("think"), "agent.think", function_url_prefixes)
     speak = parse_speak(agent.get("speak"), "agent.speak")
     language = parse_listen_language(agent.get("listen"), "agent.listen")
     if language is None:
