@@ -1,0 +1,1 @@
+"""System tests: the installed ``twistd openai-proxy`` daemon, driven by the official Deepgram SDK."""
