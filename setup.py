@@ -17,7 +17,7 @@ setup(
         "openai_proxy.tests",
         "twisted.plugins",
     ],
-    include_package_data=True,
+    include_package_data=False,
     package_data={"openai_proxy.tests": ["data/*.jsonl"]},
     install_requires=[
         "twisted[tls]>=24.7",
