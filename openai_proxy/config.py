@@ -126,6 +126,18 @@ def _read_tokens(path: str, setting: str) -> frozenset[str]:
     return tokens
 
 
+def _check_pem_certificate(path: str) -> None:
+    from OpenSSL import crypto
+
+    try:
+        with open(path, "rb") as f:
+            crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
+    except OSError as e:
+        raise ConfigError(f"--upstream-ca: cannot read {path}: {e.strerror}") from None
+    except crypto.Error:
+        raise ConfigError(f"--upstream-ca: {path} is not a PEM certificate") from None
+
+
 def _split_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
@@ -228,10 +240,16 @@ def build_config(
         pick("transcription-model", "OPENAI_PROXY_TRANSCRIPTION_MODEL") or DEFAULT_TRANSCRIPTION_MODEL
     )
 
-    tokens_file = pick("client-tokens-file", "OPENAI_PROXY_CLIENT_TOKENS")
-    client_tokens = (
-        _read_tokens(tokens_file, "--client-tokens-file") if tokens_file else frozenset()
-    )
+    client_tokens: frozenset[str] = frozenset()
+    if options.get("client-tokens-file"):
+        client_tokens = _read_tokens(options["client-tokens-file"], "--client-tokens-file")
+    elif env.get("OPENAI_PROXY_CLIENT_TOKENS", "").strip():
+        # The environment holds either a file of tokens or the tokens themselves, comma-separated.
+        value = env["OPENAI_PROXY_CLIENT_TOKENS"].strip()
+        if os.path.isfile(value):
+            client_tokens = _read_tokens(value, "OPENAI_PROXY_CLIENT_TOKENS")
+        else:
+            client_tokens = frozenset(_split_list(value))
 
     log_level = options.get("log-level")
     if not log_level:
@@ -246,8 +264,8 @@ def build_config(
         raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 
     upstream_ca = pick("upstream-ca", "OPENAI_PROXY_UPSTREAM_CA")
-    if upstream_ca and not os.path.isfile(upstream_ca):
-        raise ConfigError(f"--upstream-ca: {upstream_ca} does not exist")
+    if upstream_ca:
+        _check_pem_certificate(upstream_ca)
 
     prefixes_raw = pick("function-url-prefixes", "OPENAI_PROXY_FUNCTION_URL_PREFIXES")
     function_url_prefixes: tuple[str, ...] = ()

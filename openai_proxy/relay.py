@@ -41,6 +41,7 @@ from openai_proxy import session as s
 from openai_proxy.config import Config
 from openai_proxy.functions import FunctionCaller
 from openai_proxy.telemetry import parse_trace_id
+from openai_proxy.translate import messages as m
 
 _log = Logger(namespace="openai_proxy")
 
@@ -350,7 +351,8 @@ class UpstreamConnector:
         factory = WebSocketClientFactory(url, headers=headers, reactor=self.reactor)
         factory.protocol = UpstreamProtocol
         factory.setProtocolOptions(
-            openHandshakeTimeout=self.config.limits.handshake_timeout,
+            # The link's own timer (same limit, started earlier) reports UPSTREAM_TIMEOUT first.
+            openHandshakeTimeout=self.config.limits.handshake_timeout * 2,
             closeHandshakeTimeout=1.0,
             # Upstream events (session.updated with long instructions, audio deltas) can be large.
             maxMessagePayloadSize=16 * 1024 * 1024,
@@ -418,6 +420,16 @@ class ClientProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         _no_delay(self.transport)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        # The message size limit applies to what clients send; Autobahn's own option would also refuse
+        # large messages the daemon sends (a long transcript), so it is enforced here instead.
+        super().onMessageFrameBegin(length)
+        limit = self.factory.config.limits.max_message_bytes
+        if not self.failedByMe and self.message_data_total_length > limit:
+            self._max_message_size_exceeded(
+                self.message_data_total_length, limit, "the message exceeds the size limit"
+            )
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         registry = self.factory.registry
@@ -501,16 +513,7 @@ class ClientProtocol(WebSocketServerProtocol):
         if self.session is None:
             return
         self.log_message("upstream->daemon", event)
-        if event.get("type") == "error":
-            # Upstream errors are worth a line at the default level.
-            err = event.get("error") if isinstance(event.get("error"), dict) else {}
-            _log.warn(
-                "upstream error event {error_code}",
-                error_code=(err or {}).get("code"),
-                connection_id=self.request_id,
-                direction="upstream->daemon",
-                message_type="error",
-            )
+        # (The session logs upstream error events at the default level.)
         self._carry_out(self.session.upstream_event(event))
 
     def upstream_failed(self, code: str, description: str) -> None:
@@ -532,11 +535,11 @@ class ClientProtocol(WebSocketServerProtocol):
     def _carry_out(self, outputs: list[s.Output]) -> None:
         for output in outputs:
             if isinstance(output, s.SendClient):
-                if not self._gone:
+                if self.state == self.STATE_OPEN:
                     self.log_message("daemon->client", output.message)
                     self.sendMessage(json.dumps(output.message).encode("utf-8"), isBinary=False)
             elif isinstance(output, s.SendClientAudio):
-                if not self._gone:
+                if self.state == self.STATE_OPEN:
                     self.sendMessage(output.data, isBinary=True)
             elif isinstance(output, s.SendUpstream):
                 if self._upstream is not None:
@@ -610,7 +613,9 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def shut_down(self) -> None:
         """Close for a daemon shutdown: the client may reconnect elsewhere."""
-        if not self._gone:
+        if not self._gone and self.state == self.STATE_OPEN:
+            self._carry_out([s.SendClient(m.error(errors.SHUTTING_DOWN,
+                                                  "the server is shutting down; reconnect"))])
             self.close_with(1001, "server shutting down")
 
 
@@ -661,18 +666,19 @@ class SessionRegistry(Service):
             for protocol in list(self._sessions):
                 protocol.shut_down()
             # A client that ignores the close is dropped shortly after.
-            self._clock.callLater(2.0, abort_all)
+            timers.append(self._clock.callLater(2.0, abort_all))
 
         def abort_all() -> None:
             for protocol in list(self._sessions):
                 protocol.dropConnection(abort=True)
                 self.remove(protocol)
 
-        timer = self._clock.callLater(self._grace, close_all)
+        timers = [self._clock.callLater(self._grace, close_all)]
 
         def cancel_timer(result: None) -> None:
-            if timer.active():
-                timer.cancel()
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
             return result
 
         done.addBoth(cancel_timer)
@@ -711,7 +717,6 @@ class ClientFactory(WebSocketServerFactory):
         limits = config.limits
         self.setProtocolOptions(
             maxFramePayloadSize=limits.max_message_bytes,
-            maxMessagePayloadSize=limits.max_message_bytes,
             openHandshakeTimeout=limits.handshake_timeout,
             closeHandshakeTimeout=2.0,
             # Refuse oversized messages with a close frame (1009) rather than a bare TCP drop.

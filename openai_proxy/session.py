@@ -128,7 +128,7 @@ APPEND_FLUSH_SECONDS = 0.04
 #: Client requests that may wait for the session or for the active response to end.
 MAX_WAITING_REQUESTS = 32
 #: Longest prompt UpdatePrompt may grow the instructions to (characters).
-MAX_INSTRUCTIONS_CHARS = 256 * 1024
+MAX_INSTRUCTIONS_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
@@ -98,8 +98,10 @@ def _check_endpoints(descriptions: tuple[str, ...]) -> None:
     for description in descriptions:
         try:
             endpoints.serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"--listen: bad endpoint {description!r}: {e}") from None
+        except Exception as e:
+            # Endpoint parsers raise whatever their arguments provoke (ValueError, OSError for a missing
+            # key file, IndexError for a systemd socket that was not passed …).
+            raise ConfigError(f"--listen: bad endpoint {description!r}: {e!r}") from None
 
 
 def _sd_notify(state: str) -> None:
@@ -123,9 +125,12 @@ class DaemonService(MultiService):
     observer there (``twistd`` picks an application's ``ILogObserver`` component).
     """
 
-    def __init__(self, config: Config, log_observer: Any = None) -> None:
+    def __init__(
+        self, config: Config, registry: SessionRegistry, log_observer: Any = None
+    ) -> None:
         super().__init__()
         self.config = config
+        self.registry = registry
         self._log_observer = log_observer
 
     def setServiceParent(self, parent: Any) -> None:
@@ -134,6 +139,7 @@ class DaemonService(MultiService):
             parent.setComponent(ILogObserver, self._log_observer)
 
     def startService(self) -> None:
+        self.registry.startService()
         super().startService()
         _log.info(
             "openai-proxy {version} listening on {endpoints}; upstream {upstream}",
@@ -144,8 +150,14 @@ class DaemonService(MultiService):
         _sd_notify("READY=1")
 
     def stopService(self) -> Any:
+        """
+        Drain first, then stop listening: while sessions finish, ``/readyz`` still answers (503) and new
+        WebSocket upgrades are refused with 503.
+        """
         _sd_notify("STOPPING=1")
-        return super().stopService()
+        d = defer.maybeDeferred(self.registry.stopService)
+        d.addBoth(lambda _: MultiService.stopService(self))
+        return d
 
 
 class _SimulatorService(Service):
@@ -189,7 +201,8 @@ class _Closer(Service):
 
 def build_service(config: Config, reactor: Any, log_observer: Any = None) -> DaemonService:
     """The daemon's service tree for ``config`` (used by :func:`makeService` and by tests)."""
-    root = DaemonService(config, log_observer)
+    registry = SessionRegistry(reactor, config.limits.shutdown_grace)
+    root = DaemonService(config, registry, log_observer)
     url_for = None
     if config.simulator:
         try:
@@ -202,8 +215,6 @@ def build_service(config: Config, reactor: Any, log_observer: Any = None) -> Dae
         simulator = _SimulatorService(reactor)
         simulator.setServiceParent(root)
         url_for = simulator.url_for
-    registry = SessionRegistry(reactor, config.limits.shutdown_grace)
-    registry.setServiceParent(root)
     connector = UpstreamConnector(reactor, config, url_for=url_for)
     caller = None
     if config.function_url_prefixes:
@@ -215,7 +226,7 @@ def build_service(config: Config, reactor: Any, log_observer: Any = None) -> Dae
         )
         _Closer(caller.close).setServiceParent(root)
     factory = ClientFactory(reactor, config, registry, connector, caller)
-    site = make_site(factory, registry)
+    site = make_site(factory, registry, timeout=config.limits.handshake_timeout)
     for description in config.listen:
         strports.service(description, site, reactor=reactor).setServiceParent(root)
     return root

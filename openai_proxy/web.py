@@ -26,8 +26,6 @@ class _Health(Resource):
         request.setHeader(b"cache-control", b"no-store")
         return b"ok\n"
 
-    render_HEAD = render_GET
-
 
 class _Ready(Resource):
     isLeaf = True
@@ -44,8 +42,6 @@ class _Ready(Resource):
             return b"draining\n"
         return b"ready\n"
 
-    render_HEAD = render_GET
-
 
 class _QuietSite(Site):
     """A site that does not write an access-log line per request (health checks would flood the log)."""
@@ -54,7 +50,7 @@ class _QuietSite(Site):
         pass
 
 
-def make_site(factory: ClientFactory, registry: SessionRegistry) -> Site:
+def make_site(factory: ClientFactory, registry: SessionRegistry, timeout: float = 60.0) -> Site:
     """The daemon's site: WebSocket routes, health endpoints, 404 elsewhere."""
     root = Resource()
     websocket = WebSocketResource(factory)
@@ -66,6 +62,8 @@ def make_site(factory: ClientFactory, registry: SessionRegistry) -> Site:
     agent.putChild(b"converse", websocket)
     root.putChild(b"healthz", _Health())
     root.putChild(b"readyz", _Ready(registry))
-    site = _QuietSite(root)
+    # An HTTP connection idle for ``timeout`` before its upgrade is dropped (WebSocket sessions are not
+    # affected once they are open).
+    site = _QuietSite(root, timeout=timeout)
     site.displayTracebacks = False
     return site

@@ -106,3 +106,27 @@ class ConfigTests(SynchronousTestCase):
                               cwd=self.dir)
         self.assertNotIn("sk-secret", repr(config))
         self.assertNotIn("supersecrettoken", repr(config))
+
+    def test_client_tokens_from_environment(self) -> None:
+        config = build_config({}, {"OPENAI_API_KEY": "k", "OPENAI_PROXY_CLIENT_TOKENS": "a, b"},
+                              cwd=self.dir)
+        self.assertEqual(config.client_tokens, frozenset({"a", "b"}))
+        path = self.write("tokens", "c\n")
+        config = build_config({}, {"OPENAI_API_KEY": "k", "OPENAI_PROXY_CLIENT_TOKENS": path},
+                              cwd=self.dir)
+        self.assertEqual(config.client_tokens, frozenset({"c"}))
+
+    def test_upstream_ca_must_be_a_pem_certificate(self) -> None:
+        path = self.write("ca.pem", "not a certificate")
+        with self.assertRaises(ConfigError) as e:
+            build_config({"upstream-ca": path}, {"OPENAI_API_KEY": "k"}, cwd=self.dir)
+        self.assertIn("--upstream-ca", str(e.exception))
+
+    def test_function_url_prefixes(self) -> None:
+        config = build_config({"function-url-prefixes": "https://tools.example.com/api"},
+                              {"OPENAI_API_KEY": "k"}, cwd=self.dir)
+        self.assertEqual(config.function_url_prefixes, ("https://tools.example.com/api",))
+        with self.assertRaises(ConfigError) as e:
+            build_config({"function-url-prefixes": "ftp://x/y"}, {"OPENAI_API_KEY": "k"},
+                         cwd=self.dir)
+        self.assertIn("--function-url-prefixes", str(e.exception))

@@ -423,3 +423,32 @@ class ServerSideFunctionTests(_DaemonTestCase):
         self.assertEqual(error["code"], errors.INVALID_SETTINGS)
         self.assertIn("endpoint.url", error["description"])
         self.assertEqual(self.tools.requests, [])
+
+
+class DrainTests(HttpTests):
+    @defer.inlineCallbacks
+    def test_drain_refuses_new_sessions_then_closes_open_ones_with_1001(self) -> None:
+        yield self.start(limits=Limits(ping_interval=0, shutdown_grace=0.5))
+        client = yield self.configured_client()
+        assert self.daemon.registry is not None
+        drained = self.daemon.registry.stopService()
+        code, _ = yield self.get("/readyz")
+        self.assertEqual(code, 503)
+        with self.assertRaises(ConnectionError):
+            yield connect_client(self.daemon.url)
+        error = yield client.expect("Error", timeout=5)
+        self.assertEqual(error["code"], errors.SHUTTING_DOWN)
+        _, close_code, _ = yield client.closed
+        self.assertEqual(close_code, 1001)
+        yield drained
+
+
+class OutgoingSizeTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_message_limit_applies_to_clients_only(self) -> None:
+        # Agent audio frames and session events are larger than this limit; the session must go on.
+        yield self.start(limits=Limits(ping_interval=0, max_message_bytes=2048))
+        client = yield self.configured_client()
+        client.send_json({"type": "InjectUserMessage", "content": "Hello " * 40})
+        yield client.expect("AgentAudioDone", timeout=10)
+        self.assertTrue(any(isinstance(f, bytes) and len(f) > 2048 for f in client.frames))

@@ -398,8 +398,10 @@ def parse_settings(
 
 
 def _strip_field(description: str, field_path: str) -> str:
-    prefix = f"{field_path}: "
-    return description[len(prefix):] if description.startswith(prefix) else description
+    """Drop a leading copy of the field path; :class:`SettingsError` puts it back in front once."""
+    if description.startswith(field_path):
+        return description[len(field_path):].lstrip(": ")
+    return description
 
 
 def choose_model(
