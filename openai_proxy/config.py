@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -30,6 +30,10 @@ OPENAI_VOICES = frozenset(
 )
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+#: Limits that 0 turns off rather than makes impossible.
+_ZERO_ALLOWED_LIMITS = frozenset({"shutdown_grace", "ping_interval"})
 
 
 class ConfigError(Exception):
@@ -280,53 +284,18 @@ def build_config(
                 raise ConfigError(f"--function-url-prefixes: {prefix!r}: {e}") from None
         function_url_prefixes = tuple(checked)
 
-    defaults = Limits()
-    limits = Limits(
-        max_message_bytes=_positive_number(
-            pick("max-message-bytes", "OPENAI_PROXY_MAX_MESSAGE_BYTES") or defaults.max_message_bytes,
-            "--max-message-bytes",
-            integer=True,
-        ),
-        max_sessions=_positive_number(
-            pick("max-sessions", "OPENAI_PROXY_MAX_SESSIONS") or defaults.max_sessions,
-            "--max-sessions",
-            integer=True,
-        ),
-        handshake_timeout=_positive_number(
-            pick("handshake-timeout", "OPENAI_PROXY_HANDSHAKE_TIMEOUT") or defaults.handshake_timeout,
-            "--handshake-timeout",
-        ),
-        audio_buffer_seconds=_positive_number(
-            pick("audio-buffer-seconds", "OPENAI_PROXY_AUDIO_BUFFER_SECONDS")
-            or defaults.audio_buffer_seconds,
-            "--audio-buffer-seconds",
-        ),
-        function_call_timeout=_positive_number(
-            pick("function-call-timeout", "OPENAI_PROXY_FUNCTION_CALL_TIMEOUT")
-            or defaults.function_call_timeout,
-            "--function-call-timeout",
-        ),
-        shutdown_grace=_positive_number(
-            pick("shutdown-grace", "OPENAI_PROXY_SHUTDOWN_GRACE") or defaults.shutdown_grace,
-            "--shutdown-grace",
-            allow_zero=True,
-        ),
-        ping_interval=_positive_number(
-            pick("ping-interval", "OPENAI_PROXY_PING_INTERVAL") or defaults.ping_interval,
-            "--ping-interval",
-            allow_zero=True,
-        ),
-        function_timeout=_positive_number(
-            pick("function-timeout", "OPENAI_PROXY_FUNCTION_TIMEOUT") or defaults.function_timeout,
-            "--function-timeout",
-        ),
-        function_max_response_bytes=_positive_number(
-            pick("function-max-response-bytes", "OPENAI_PROXY_FUNCTION_MAX_RESPONSE_BYTES")
-            or defaults.function_max_response_bytes,
-            "--function-max-response-bytes",
-            integer=True,
-        ),
-    )
+    limits_values: dict[str, Any] = {}
+    for limit in fields(Limits):
+        option = limit.name.replace("_", "-")
+        raw = pick(option, "OPENAI_PROXY_" + limit.name.upper())
+        if raw is not None:
+            limits_values[limit.name] = _positive_number(
+                raw,
+                f"--{option}",
+                integer=limit.type in (int, "int"),
+                allow_zero=limit.name in _ZERO_ALLOWED_LIMITS,
+            )
+    limits = Limits(**limits_values)
 
     return Config(
         api_key=api_key,

@@ -85,61 +85,61 @@ def input_audio_append(event_id: str, audio_b64: str) -> dict[str, Any]:
     return {"type": "input_audio_buffer.append", "event_id": event_id, "audio": audio_b64}
 
 
+def _item_create(event_id: str, item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "conversation.item.create", "event_id": event_id, "item": item}
+
+
 def user_text_item(event_id: str, item_id: str, text: str) -> dict[str, Any]:
-    return {
-        "type": "conversation.item.create",
-        "event_id": event_id,
-        "item": {
+    return _item_create(
+        event_id,
+        {
             "id": item_id,
             "type": "message",
             "role": "user",
             "content": [{"type": "input_text", "text": text}],
         },
-    }
+    )
 
 
 def assistant_text_item(event_id: str, item_id: str, text: str) -> dict[str, Any]:
-    return {
-        "type": "conversation.item.create",
-        "event_id": event_id,
-        "item": {
+    return _item_create(
+        event_id,
+        {
             "id": item_id,
             "type": "message",
             "role": "assistant",
             "content": [{"type": "output_text", "text": text}],
         },
-    }
+    )
 
 
 def function_call_item(
     event_id: str, item_id: str, call_id: str, name: str, arguments: str
 ) -> dict[str, Any]:
-    return {
-        "type": "conversation.item.create",
-        "event_id": event_id,
-        "item": {
+    return _item_create(
+        event_id,
+        {
             "id": item_id,
             "type": "function_call",
             "call_id": call_id,
             "name": name,
             "arguments": arguments,
         },
-    }
+    )
 
 
 def function_call_output_item(
     event_id: str, item_id: str, call_id: str, output: str
 ) -> dict[str, Any]:
-    return {
-        "type": "conversation.item.create",
-        "event_id": event_id,
-        "item": {
+    return _item_create(
+        event_id,
+        {
             "id": item_id,
             "type": "function_call_output",
             "call_id": call_id,
             "output": output,
         },
-    }
+    )
 
 
 def response_create(event_id: str, instructions: str | None = None) -> dict[str, Any]:
