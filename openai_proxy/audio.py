@@ -518,19 +518,26 @@ class OutputConverter:
 class AppendBatcher:
     """Groups converted upstream-format audio into ``input_audio_buffer.append`` payloads.
 
-    Small client frames (10-20 ms) would each cost a JSON event; batching to ``target_ms`` cuts the
-    event rate while adding at most ``target_ms`` of delay (the session flushes the rest from a
-    short timer).  Payloads are cut at whole milliseconds, so never inside a sample, and never
-    exceed ``max_bytes``.
+    Small client frames (10-20 ms) would each cost a JSON event.  A payload is sent as soon as
+    ``target_ms`` is pending, or as soon as audio of an earlier frame has waited for one more frame
+    and at least ``min_ms`` is pending: no audio waits longer than one frame (the session flushes a
+    tail from a short timer when the client pauses).  With 20 ms frames that makes 40 ms appends,
+    with 10 ms frames 20 ms appends.  Payloads are cut at whole milliseconds, so never inside a
+    sample, and never exceed ``max_bytes``.
     """
 
     def __init__(
-        self, bytes_per_ms: int, target_ms: int = 40, max_bytes: int = MAX_APPEND_AUDIO_BYTES
+        self,
+        bytes_per_ms: int,
+        target_ms: int = 40,
+        max_bytes: int = MAX_APPEND_AUDIO_BYTES,
+        min_ms: int = 10,
     ) -> None:
-        if bytes_per_ms <= 0 or target_ms <= 0:
-            raise ValueError("bytes_per_ms and target_ms must be positive")
+        if bytes_per_ms <= 0 or target_ms <= 0 or min_ms <= 0:
+            raise ValueError("bytes_per_ms, target_ms and min_ms must be positive")
         self._bytes_per_ms = bytes_per_ms
         self._target = target_ms * bytes_per_ms
+        self._min = min(min_ms, target_ms) * bytes_per_ms
         self._max = max_bytes - max_bytes % bytes_per_ms
         if self._max < self._target:
             raise ValueError(f"max_bytes {max_bytes} is below the target of {self._target} bytes")
@@ -542,9 +549,11 @@ class AppendBatcher:
         return len(self._pending) / self._bytes_per_ms
 
     def add(self, data: bytes) -> list[bytes]:
-        """Take converted audio; return the payloads ready now (each at least the target)."""
+        """Take one frame of converted audio; return the payloads ready now."""
+        waited = len(self._pending) >= self._bytes_per_ms  # an earlier frame's audio is pending
         self._pending += data
-        if len(self._pending) < self._target:
+        threshold = self._min if waited else self._target
+        if len(self._pending) < threshold:
             return []
         ready: list[bytes] = []
         start = 0
@@ -553,7 +562,7 @@ class AppendBatcher:
             ready.append(bytes(self._pending[start : start + self._max]))
             start += self._max
         rest = end - start
-        if rest >= self._target:
+        if rest >= threshold:
             # Whole milliseconds only, so a pcm16 sample is never split between two events.
             cut = rest - rest % self._bytes_per_ms
             ready.append(bytes(self._pending[start : start + cut]))

@@ -692,8 +692,9 @@ class AppendBatcherTests(SynchronousTestCase):
     def test_batches(
         self, data: st.DataObject, per_ms: int, target_ms: int, max_factor: int, extra: int
     ) -> None:
-        """Concatenated output equals the input; every payload from add is at least the target and
-        at most max_bytes, cut at whole samples; pending_ms tracks what is held back."""
+        """Concatenated output equals the input; every payload from add is at least the minimum and
+        at most max_bytes, cut at whole samples; pending_ms tracks what is held back, and audio of
+        an earlier frame is only held while less than the minimum is pending."""
         sample = 2 if per_ms == 48 else 1
         max_bytes = target_ms * per_ms * max_factor + extra
         batcher = AppendBatcher(per_ms, target_ms=target_ms, max_bytes=max_bytes)
@@ -706,13 +707,15 @@ class AppendBatcherTests(SynchronousTestCase):
             chunk = bytes((i + j) % 251 for j in range(size * sample))
             given_in += chunk
             for payload in batcher.add(chunk):
-                self.assertGreaterEqual(len(payload), target_ms * per_ms)
+                self.assertGreaterEqual(len(payload), min(10, target_ms) * per_ms)
                 self.assertLessEqual(len(payload), max_bytes)
                 self.assertEqual(len(payload) % sample, 0)
                 sent.append(payload)
             held = len(given_in) - sum(map(len, sent))
             self.assertEqual(batcher.pending_ms, held / per_ms)
             self.assertLess(held, target_ms * per_ms)
+            if held >= len(chunk) + per_ms:
+                self.assertLess(held, min(10, target_ms) * per_ms)
         rest = batcher.flush()
         self.assertLessEqual(len(rest), max_bytes)
         self.assertEqual(b"".join(sent) + rest, given_in)
