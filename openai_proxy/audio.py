@@ -272,6 +272,11 @@ def bytes_per_ms(upstream_format: Mapping[str, object]) -> int:
     return _sample_width(encoding) * rate // 1000
 
 
+def sample_bytes(upstream_format: Mapping[str, object]) -> int:
+    """Bytes of one sample in a GA format: 2 for ``audio/pcm``, 1 for G.711."""
+    return _sample_width(_upstream_codec(upstream_format)[0])
+
+
 def _sample_width(encoding: str) -> int:
     return 2 if encoding == _LINEAR16 else 1
 
@@ -532,10 +537,12 @@ class AppendBatcher:
         target_ms: int = 40,
         max_bytes: int = MAX_APPEND_AUDIO_BYTES,
         min_ms: int = 10,
+        sample_bytes: int = 2,
     ) -> None:
-        if bytes_per_ms <= 0 or target_ms <= 0 or min_ms <= 0:
-            raise ValueError("bytes_per_ms, target_ms and min_ms must be positive")
+        if bytes_per_ms <= 0 or target_ms <= 0 or min_ms <= 0 or sample_bytes <= 0:
+            raise ValueError("bytes_per_ms, target_ms, min_ms and sample_bytes must be positive")
         self._bytes_per_ms = bytes_per_ms
+        self._sample = sample_bytes
         self._target = target_ms * bytes_per_ms
         self._min = min(min_ms, target_ms) * bytes_per_ms
         self._max = max_bytes - max_bytes % bytes_per_ms
@@ -550,7 +557,7 @@ class AppendBatcher:
 
     def add(self, data: bytes) -> list[bytes]:
         """Take one frame of converted audio; return the payloads ready now."""
-        waited = len(self._pending) >= self._bytes_per_ms  # an earlier frame's audio is pending
+        waited = len(self._pending) > 0  # an earlier frame's audio is pending
         self._pending += data
         threshold = self._min if waited else self._target
         if len(self._pending) < threshold:
@@ -563,8 +570,8 @@ class AppendBatcher:
             start += self._max
         rest = end - start
         if rest >= threshold:
-            # Whole milliseconds only, so a pcm16 sample is never split between two events.
-            cut = rest - rest % self._bytes_per_ms
+            # Whole samples only, so a pcm16 sample is never split between two events.
+            cut = rest - rest % self._sample
             ready.append(bytes(self._pending[start : start + cut]))
             start += cut
         del self._pending[:start]

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from openai_proxy import errors
-from openai_proxy.audio import AppendBatcher, InputConverter, OutputConverter, bytes_per_ms
+from openai_proxy.audio import (
+    AppendBatcher,
+    InputConverter,
+    OutputConverter,
+    bytes_per_ms,
+    sample_bytes,
+)
 from openai_proxy.functions import Endpoint
 from openai_proxy.translate import messages as m
 from openai_proxy.translate.settings import (
@@ -498,7 +504,10 @@ class Session:
             )
         self._input = InputConverter(plan.input_format, plan.upstream_input_format)
         self._output = OutputConverter(plan.upstream_output_format, plan.output_format)
-        self._batcher = AppendBatcher(bytes_per_ms(plan.upstream_input_format))
+        self._batcher = AppendBatcher(
+            bytes_per_ms(plan.upstream_input_format),
+            sample_bytes=sample_bytes(plan.upstream_input_format),
+        )
         if not self._upstream_requested:
             self._upstream_requested = True
             self._connected_model = plan.model
@@ -905,9 +914,12 @@ class Session:
         item = self._audio_item or self._last_audio_item
         if item is not None and self.plan is not None and item.delivered_bytes > 0:
             delivered_ms = item.delivered_bytes / bytes_per_ms(self.plan.upstream_output_format)
+            if item is self._audio_item and self._output is not None:
+                # Audio still inside the resampler never reached the client.
+                delivered_ms = min(delivered_ms, self._output.emitted_ms)
             played_ms = (self._now() - item.started_at) * 1000.0
-            if self._audio_item is not None or played_ms < delivered_ms:
-                end_ms = math.floor(min(delivered_ms, max(played_ms, 0.0)))
+            end_ms = math.floor(min(delivered_ms, max(played_ms, 0.0)))
+            if (self._audio_item is not None or played_ms < delivered_ms) and end_ms > 0:
                 self._upstream(m.item_truncate(self._next_id("truncate"), item.item_id, end_ms))
                 self._log(
                     "debug",

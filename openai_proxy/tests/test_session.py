@@ -605,6 +605,14 @@ class AudioTests(SynchronousTestCase):
         out = h.audio("resp_1", "item_a", 4800)
         self.assertEqual(len([o for o in out if isinstance(o, s.SendClientAudio)]), 0)
 
+    def test_no_truncate_when_nothing_could_have_been_heard(self) -> None:
+        h = Harness()
+        h.configure()
+        h.start_response("resp_1")
+        h.audio("resp_1", "item_a", 960)  # delivered, but no time has passed since
+        out = h.up("input_audio_buffer.speech_started", audio_start_ms=10, item_id="u2")
+        self.assertEqual(h.upstream(out), [])
+
     def test_no_truncate_without_delivered_audio(self) -> None:
         h = Harness()
         h.configure()
@@ -784,6 +792,7 @@ class InjectAgentMessageTests(SynchronousTestCase):
         h.configure()
         h.start_response("resp_1")
         h.audio("resp_1", "item_a", 960)
+        h.time += 0.01
         out = h.text({"type": "InjectAgentMessage", "message": "Stop.", "behavior": "interrupt"})
         self.assertEqual(h.upstream_types(out)[:2], ["response.cancel", "conversation.item.truncate"])
         out = h.up("response.done", response={"id": "resp_1", "status": "cancelled", "output": []})
