@@ -202,7 +202,7 @@ class UpstreamLink:
         _log.info(
             "upstream connection failed: {problem}",
             problem=failure.getErrorMessage(),
-            connection_id=self._owner.request_id,
+            **self._owner.log_fields,
         )
         self._fail(errors.UPSTREAM_UNAVAILABLE, "the upstream could not be reached")
 
@@ -246,7 +246,7 @@ class UpstreamLink:
         _log.warn(
             "upstream protocol problem: {problem}",
             problem=description,
-            connection_id=self._owner.request_id,
+            **self._owner.log_fields,
         )
 
     def closed(
@@ -259,16 +259,17 @@ class UpstreamLink:
         self._protocol = None
         if not self.gate.called:
             self.gate.errback(Failure(internet_error.ConnectionClosed()))
-        if self._closed:
-            return
-        self._closed = True
         _log.info(
             "upstream closed {close_code} {close_reason} (http status {http_status})",
             close_code=code,
             close_reason=reason,
             http_status=status,
-            connection_id=self._owner.request_id,
+            direction="upstream",
+            **self._owner.log_fields,
         )
+        if self._closed:
+            return
+        self._closed = True
         if was_open:
             self._owner.upstream_failed(
                 errors.UPSTREAM_CLOSED,
@@ -463,8 +464,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self.session = s.Session(self.factory.session_options, now=self.factory.reactor.seconds)
         self.request_id = self.session.request_id
         self.factory.registry.add(self)
-        _log.info("client connected from {peer}", peer=self.peer, connection_id=self.request_id,
-                  trace_id=self.trace_id)
+        _log.info("client connected from {peer}", peer=self.peer, **self.log_fields)
         self._carry_out(self.session.start())
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -487,10 +487,12 @@ class ClientProtocol(WebSocketServerProtocol):
         if self.session is None:
             return
         _log.info(
-            "client closed {close_code} {close_reason}",
+            "client closed {close_code} {close_reason} (daemon sent {sent_close_code})",
             close_code=code,
             close_reason=reason,
-            connection_id=self.request_id,
+            sent_close_code=self.localCloseCode,
+            direction="client",
+            **self.log_fields,
         )
         self._carry_out(self.session.client_closed())
         for call in self._timers.values():
@@ -502,6 +504,11 @@ class ClientProtocol(WebSocketServerProtocol):
         if self._upstream is not None:
             self._upstream.close()
         self.factory.registry.remove(self)
+
+    @property
+    def log_fields(self) -> dict[str, Any]:
+        """The fields every log record of this session carries."""
+        return {"connection_id": self.request_id, "trace_id": self.trace_id}
 
     # -- inputs from the upstream link ------------------------------------------------------------
 
@@ -528,8 +535,7 @@ class ClientProtocol(WebSocketServerProtocol):
                 "{direction} {message_type}",
                 direction=direction,
                 message_type=_safe_type(message) if isinstance(message, dict) else message,
-                connection_id=self.request_id,
-                trace_id=self.trace_id,
+                **self.log_fields,
             )
 
     def _carry_out(self, outputs: list[s.Output]) -> None:
@@ -564,12 +570,7 @@ class ClientProtocol(WebSocketServerProtocol):
                 if self._upstream is not None:
                     self._upstream.close()
             elif isinstance(output, s.Log):
-                _level(output.level)(
-                    output.format,
-                    connection_id=self.request_id,
-                    trace_id=self.trace_id,
-                    **output.fields,
-                )
+                _level(output.level)(output.format, **self.log_fields, **output.fields)
 
     def _call_function(self, call: s.CallFunction) -> None:
         caller = self.factory.function_caller

@@ -232,6 +232,18 @@ def build_service(config: Config, reactor: Any, log_observer: Any = None) -> Dae
     return root
 
 
+def _log_stream(options: Options) -> Any:
+    """
+    Where the console log goes: standard output in the foreground (``twistd -n``, systemd, journald);
+    when ``twistd`` daemonizes, its ``--logfile`` (default ``twistd.log``), since standard output is then
+    /dev/null.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("nodaemon") or parent.get("logfile") == "-":
+        return None
+    return open(parent.get("logfile") or "twistd.log", "a", buffering=1, encoding="utf-8")
+
+
 def makeService(options: Options) -> IService:
     """The twistd plugin's entry point."""
     from twisted.internet import reactor
@@ -239,7 +251,7 @@ def makeService(options: Options) -> IService:
     from openai_proxy.telemetry import make_log_observer
 
     config = options.config or build_config(options)
-    observer = make_log_observer(config.log_level)
+    observer = make_log_observer(config.log_level, stream=_log_stream(options))
     # Flush the exporters on the way out (the SDK's atexit hook is only a fallback).
     reactor.addSystemEventTrigger("after", "shutdown", observer.shutdown)
     try:
