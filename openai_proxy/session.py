@@ -1070,6 +1070,9 @@ class Session:
             response_id is None or self._response.response_id == response_id
         ):
             self._response = None
+        elif self._response is None and self._response_requested:
+            # The response we asked for ended without our seeing it start.
+            self._response_requested = False
         self._turn_end = None
         if response_id == self._muted_response:
             self._muted_response = None
@@ -1196,6 +1199,8 @@ class Session:
         "conversation.item.input_audio_transcription.completed": _on_transcription_completed,
         "conversation.item.added": _on_item_added,
         "conversation.item.done": _on_item_added,
+        # The beta-era name, still in the SDK's union: accepted as a confirmation too.
+        "conversation.item.created": _on_item_added,
         "response.created": _on_response_created,
         "response.done": _on_response_done,
         "response.output_audio.delta": _on_output_audio_delta,

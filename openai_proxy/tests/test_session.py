@@ -852,3 +852,24 @@ class ServerSideFunctionTests(SynchronousTestCase):
         self.assertEqual(h.upstream_types(out), ["response.create"])
         [history] = [m for m in h.client(out) if m["type"] == "History"]
         self.assertFalse(history["function_calls"][0]["client_side"])
+
+
+class TolerantUpstreamTests(SynchronousTestCase):
+    def test_response_done_without_created_unblocks_the_next_response(self) -> None:
+        h = Harness()
+        h.configure()
+        out = h.text({"type": "InjectUserMessage", "content": "one"})
+        h.confirm_item(h.upstream(out)[0]["item"]["id"])
+        h.up("response.done", response={"id": "resp_x", "status": "completed", "output": []})
+        out = h.text({"type": "InjectUserMessage", "content": "two"})
+        out = h.confirm_item(h.upstream(out)[0]["item"]["id"])
+        self.assertEqual(h.upstream_types(out), ["response.create"])
+
+    def test_beta_item_created_confirms_an_item(self) -> None:
+        h = Harness()
+        h.configure()
+        out = h.text({"type": "InjectUserMessage", "content": "hi"})
+        item_id = h.upstream(out)[0]["item"]["id"]
+        out = h.up("conversation.item.created", item={"id": item_id, "type": "message",
+                                                      "role": "user", "content": []})
+        self.assertEqual(h.upstream_types(out), ["response.create"])
