@@ -250,6 +250,9 @@ def build_config(
     elif env.get("OPENAI_PROXY_CLIENT_TOKENS", "").strip():
         # The environment holds either a file of tokens or the tokens themselves, comma-separated.
         value = env["OPENAI_PROXY_CLIENT_TOKENS"].strip()
+        if value.startswith(("/", "./", "../", "~")) and not os.path.isfile(value):
+            # A mistyped path must not silently become a token.
+            raise ConfigError("OPENAI_PROXY_CLIENT_TOKENS: names a file that does not exist")
         if os.path.isfile(value):
             client_tokens = _read_tokens(value, "OPENAI_PROXY_CLIENT_TOKENS")
         else:

@@ -262,7 +262,7 @@ class UpstreamLink:
         _log.info(
             "upstream closed {close_code} {close_reason} (http status {http_status})",
             close_code=code,
-            close_reason=reason,
+            close_reason=reason or "",
             http_status=status,
             direction="upstream",
             **self._owner.log_fields,
@@ -489,7 +489,7 @@ class ClientProtocol(WebSocketServerProtocol):
         _log.info(
             "client closed {close_code} {close_reason} (daemon sent {sent_close_code})",
             close_code=code,
-            close_reason=reason,
+            close_reason=reason or "",
             sent_close_code=self.localCloseCode,
             direction="client",
             **self.log_fields,

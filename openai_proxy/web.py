@@ -26,6 +26,10 @@ class _Health(Resource):
         request.setHeader(b"cache-control", b"no-store")
         return b"ok\n"
 
+    def render_HEAD(self, request: Request) -> bytes:
+        self.render_GET(request)
+        return b""
+
 
 class _Ready(Resource):
     isLeaf = True
@@ -41,6 +45,10 @@ class _Ready(Resource):
             request.setResponseCode(503)
             return b"draining\n"
         return b"ready\n"
+
+    def render_HEAD(self, request: Request) -> bytes:
+        self.render_GET(request)
+        return b""
 
 
 class _QuietSite(Site):

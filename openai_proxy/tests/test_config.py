@@ -130,3 +130,9 @@ class ConfigTests(SynchronousTestCase):
             build_config({"function-url-prefixes": "ftp://x/y"}, {"OPENAI_API_KEY": "k"},
                          cwd=self.dir)
         self.assertIn("--function-url-prefixes", str(e.exception))
+
+    def test_client_tokens_path_that_does_not_exist(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            build_config({}, {"OPENAI_API_KEY": "k", "OPENAI_PROXY_CLIENT_TOKENS": "/etc/nope/tokens"},
+                         cwd=self.dir)
+        self.assertIn("OPENAI_PROXY_CLIENT_TOKENS", str(e.exception))

@@ -452,3 +452,14 @@ class OutgoingSizeTests(_DaemonTestCase):
         client.send_json({"type": "InjectUserMessage", "content": "Hello " * 40})
         yield client.expect("AgentAudioDone", timeout=10)
         self.assertTrue(any(isinstance(f, bytes) and len(f) > 2048 for f in client.frames))
+
+
+class HeadTests(HttpTests):
+    @defer.inlineCallbacks
+    def test_head_answers_without_a_body(self) -> None:
+        yield self.start()
+        assert self.daemon.port is not None
+        response = yield Agent(reactor).request(
+            b"HEAD", f"http://127.0.0.1:{self.daemon.port.getHost().port}/readyz".encode())
+        body = yield readBody(response)
+        self.assertEqual((response.code, body), (200, b""))
