@@ -48,6 +48,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from openai_proxy import __version__
+from openai_proxy.jsonshape import type_name
 
 #: Methods a server-side function may use.
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
@@ -171,23 +172,23 @@ def parse_endpoint(obj: object) -> Endpoint:
     if url is None:
         raise EndpointError("url", "is required")
     if not isinstance(url, str):
-        raise EndpointError("url", f"must be a string, got {_type_name(url)}")
+        raise EndpointError("url", f"must be a string, got {type_name(url)}")
     method = obj.get("method")
     if method is None:
         method = "POST"
     elif not isinstance(method, str):
-        raise EndpointError("method", f"must be a string, got {_type_name(method)}")
+        raise EndpointError("method", f"must be a string, got {type_name(method)}")
     headers = obj.get("headers")
     if headers is None:
         headers = {}
     elif not isinstance(headers, Mapping):
-        raise EndpointError("headers", f"must be an object, got {_type_name(headers)}")
+        raise EndpointError("headers", f"must be an object, got {type_name(headers)}")
     return Endpoint(url=url, method=method, headers=headers)
 
 
 def _checked_headers(headers: object) -> dict[str, str]:
     if not isinstance(headers, Mapping):
-        raise EndpointError("headers", f"must be an object, got {_type_name(headers)}")
+        raise EndpointError("headers", f"must be an object, got {type_name(headers)}")
     if len(headers) > _MAX_HEADERS:
         raise EndpointError("headers", f"at most {_MAX_HEADERS} headers are allowed")
     checked: dict[str, str] = {}
@@ -196,7 +197,7 @@ def _checked_headers(headers: object) -> dict[str, str]:
         if not isinstance(name, str) or not _TOKEN.match(name) or len(name) > _MAX_HEADER_NAME:
             raise EndpointError("headers", f"{_quoted_name(name)} is not a valid header name")
         if not isinstance(value, str):
-            raise EndpointError("headers", f"the value of {name!r} must be a string, got {_type_name(value)}")
+            raise EndpointError("headers", f"the value of {name!r} must be a string, got {type_name(value)}")
         if any(_is_control(ch) and ch != "\t" for ch in value):
             raise EndpointError("headers", f"the value of {name!r} contains a control character (CR, LF, …)")
         if len(value) > _MAX_HEADER_VALUE:
@@ -215,18 +216,6 @@ def _quoted_name(name: object) -> str:
     if isinstance(name, str) and len(name) <= _MAX_HEADER_NAME:
         return repr(name)
     return "a header name"
-
-
-def _type_name(value: object) -> str:
-    return {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "an object",
-        type(None): "null",
-    }.get(type(value), type(value).__name__)
 
 
 # -- URLs ------------------------------------------------------------------------------------------

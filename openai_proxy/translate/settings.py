@@ -21,6 +21,7 @@ from openai_proxy.audio import (
 )
 from openai_proxy.config import OPENAI_VOICES
 from openai_proxy.functions import Endpoint, EndpointError, parse_endpoint, url_allowed
+from openai_proxy.jsonshape import type_name
 
 #: OpenAI function names: letters, digits, underscores and dashes, at most 64.
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -112,7 +113,7 @@ def _object(value: Any, path: str, *, required: bool = False) -> dict[str, Any] 
             raise SettingsError(path, "is required")
         return None
     if not isinstance(value, dict):
-        raise SettingsError(path, f"must be an object, got {_type_name(value)}")
+        raise SettingsError(path, f"must be an object, got {type_name(value)}")
     return value
 
 
@@ -122,7 +123,7 @@ def _string(value: Any, path: str, *, required: bool = False) -> str | None:
             raise SettingsError(path, "is required")
         return None
     if not isinstance(value, str):
-        raise SettingsError(path, f"must be a string, got {_type_name(value)}")
+        raise SettingsError(path, f"must be a string, got {type_name(value)}")
     return value
 
 
@@ -130,7 +131,7 @@ def _number(value: Any, path: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SettingsError(path, f"must be a number, got {_type_name(value)}")
+        raise SettingsError(path, f"must be a number, got {type_name(value)}")
     return float(value)
 
 
@@ -138,7 +139,7 @@ def _bool(value: Any, path: str) -> bool | None:
     if value is None:
         return None
     if not isinstance(value, bool):
-        raise SettingsError(path, f"must be a boolean, got {_type_name(value)}")
+        raise SettingsError(path, f"must be a boolean, got {type_name(value)}")
     return value
 
 
@@ -146,21 +147,8 @@ def _list(value: Any, path: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise SettingsError(path, f"must be an array, got {_type_name(value)}")
+        raise SettingsError(path, f"must be an array, got {type_name(value)}")
     return value
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)
 
 
 def _first(value: Any, path: str) -> tuple[dict[str, Any] | None, str]:
