@@ -33,6 +33,7 @@ from openai_proxy.translate import messages as m
 from openai_proxy.translate.settings import (
     SessionPlan,
     SettingsError,
+    choose_model,
     parse_listen_language,
     parse_settings,
     parse_speak,
@@ -599,7 +600,12 @@ class Session:
             self._error(errors.INVALID_CLIENT_MESSAGE, e.description)
             return
         current = self._latest_plan()
-        if think.model is not None and think.model != current.model:
+        # Compare what the model name would resolve to: repeating the Settings' provider (a model the
+        # daemon replaced) is no request for a change.
+        requested, _ = choose_model(
+            think.model, self.options.default_model, self.options.model_allowed
+        )
+        if think.model is not None and requested != current.model:
             self._warning(
                 errors.SETTING_NOT_CHANGEABLE,
                 f"the model cannot change during a session; still using {current.model!r}",

@@ -873,3 +873,20 @@ class TolerantUpstreamTests(SynchronousTestCase):
         out = h.up("conversation.item.created", item={"id": item_id, "type": "message",
                                                       "role": "user", "content": []})
         self.assertEqual(h.upstream_types(out), ["response.create"])
+
+
+class UpdateThinkModelTests(SynchronousTestCase):
+    def test_repeating_a_replaced_model_is_no_change(self) -> None:
+        h = Harness()
+        h.configure()  # names gpt-4o-mini, replaced by gpt-realtime
+        out = h.text({"type": "UpdateThink", "think": {
+            "provider": {"type": "open_ai", "model": "gpt-4o-mini"}, "prompt": "New."}})
+        self.assertNotIn("Warning", h.client_types(out))
+
+    def test_asking_for_another_realtime_model_warns(self) -> None:
+        h = Harness()
+        h.configure()
+        out = h.text({"type": "UpdateThink", "think": {
+            "provider": {"type": "open_ai", "model": "gpt-realtime-mini"}, "prompt": "New."}})
+        self.assertEqual([m["code"] for m in h.client(out) if m["type"] == "Warning"],
+                         [errors.SETTING_NOT_CHANGEABLE])
