@@ -890,3 +890,19 @@ class UpdateThinkModelTests(SynchronousTestCase):
             "provider": {"type": "open_ai", "model": "gpt-realtime-mini"}, "prompt": "New."}})
         self.assertEqual([m["code"] for m in h.client(out) if m["type"] == "Warning"],
                          [errors.SETTING_NOT_CHANGEABLE])
+
+
+class UnsupportedSettingsTests(SynchronousTestCase):
+    def test_think_live_refused_naming_it(self) -> None:
+        h = Harness()
+        [error] = h.client(h.text(settings(think_live={"provider": {"type": "deepgram",
+                                                                    "version": "v1"}})))
+        self.assertEqual(error["code"], errors.INVALID_SETTINGS)
+        self.assertTrue(error["description"].startswith("agent.think_live"))
+
+    def test_custom_think_endpoint_refused(self) -> None:
+        h = Harness()
+        message = settings()
+        message["agent"]["think"]["endpoint"] = {"url": "https://llm.example.com/v1"}
+        [error] = h.client(h.text(message))
+        self.assertTrue(error["description"].startswith("agent.think.endpoint"))

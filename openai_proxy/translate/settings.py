@@ -367,6 +367,12 @@ def parse_settings(
     context = _object(agent.get("context"), "agent.context") or {}
     history = parse_history(context.get("messages"), "agent.context.messages")
     greeting = _string(agent.get("greeting"), "agent.greeting")
+    if agent.get("think_live") is not None:
+        raise SettingsError(
+            "agent.think_live",
+            "Deepgram's Think Live is not supported: the daemon thinks with OpenAI Realtime; "
+            "use agent.think",
+        )
 
     model, replaced = choose_model(think.model, default_model, model_allowed)
     return SessionPlan(
