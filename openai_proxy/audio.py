@@ -26,20 +26,16 @@ and the conversion back to int16 rounds to nearest and clips.
 
 Delay: libsoxr compensates its filter delay, so after :meth:`InputConverter.flush` or
 :meth:`OutputConverter.end_reply` the output holds exactly the input's duration (to one sample).
-While streaming, output lags input.  Steady-state lag at HQ, measured with 20 ms chunks
-(``benchmarks/bench_audio.py`` prints it for every path):
+While streaming, output trails input because libsoxr filters and works in blocks; the lag oscillates
+with the block phase.  Measured with 20 ms frames (min-max, mean):
 
-- 8 or 16 kHz <-> 24 kHz: 21 ms;
-- 11.025, 22.05, 32 or 48 kHz -> 24 kHz, and 24 kHz -> 22.05, 32 or 48 kHz: 31-34 ms;
-- 44.1 kHz <-> 24 kHz: 9 ms;
-- 24 kHz -> 11.025 kHz: 65 ms;
-- 8 kHz G.711 upstream -> linear16 at 11.025 to 48 kHz: 66-138 ms (a path only a session that
-  asks for G.711 upstream while the client wants linear16 would take).
+- 16, 22.05, 32, 44.1 or 48 kHz <-> 24 kHz: 4-42 ms (21-23 ms);
+- 8 or 11.025 kHz <-> 24 kHz: 10-84 ms (43-48 ms);
+- passthrough paths: 0.
 
-Before its first output libsoxr also collects a processing block, so the lag at the start of a stream
-is larger (about 75 ms to or from 8 kHz, 175 ms for 8 kHz -> 48 kHz); it never exceeds
-:data:`RESAMPLER_MAX_LAG_MS` whatever the chunk sizes.  Every path costs well under 1 ms of CPU
-per second of audio (``benchmarks/bench_audio.py``).
+At the start of a stream the lag is larger (up to about 175 ms for 8 kHz -> 48 kHz); it never exceeds
+:data:`RESAMPLER_MAX_LAG_MS` whatever the chunk sizes.  docs/audio.md has the details; every path
+costs well under 1 ms of CPU per second of audio (``benchmarks/bench_audio.py``).
 """
 
 from __future__ import annotations
