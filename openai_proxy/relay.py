@@ -30,7 +30,12 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet import error as internet_error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IPushProducer, IReactorCore, IReactorTime
+from twisted.internet.interfaces import (
+    IPushProducer,
+    IReactorCore,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -324,17 +329,24 @@ def _abort(protocol: WebSocketClientProtocol) -> None:
 
 
 class UpstreamConnector:
-    """Opens upstream WebSocket connections: TLS with certificate verification for ``wss://``."""
+    """
+    Opens upstream WebSocket connections: TLS with certificate verification for ``wss://``.
+
+    ``endpoint_factory(host, port, secure)``, when given, supplies the client endpoint instead (tests
+    connect the upstream in memory through it).
+    """
 
     def __init__(
         self,
         reactor: Any,
         config: Config,
         url_for: Callable[[str], str] | None = None,
+        endpoint_factory: Callable[[str, int, bool], IStreamClientEndpoint] | None = None,
     ) -> None:
         self.reactor = reactor
         self.config = config
         self._url_for = url_for or config.upstream_url_for
+        self._endpoint_factory = endpoint_factory
         self._trust_root: Certificate | None = None
         if config.upstream_ca:
             with open(config.upstream_ca, "rb") as f:
@@ -366,6 +378,8 @@ class UpstreamConnector:
             return cast(UpstreamProtocol, protocol)
 
         factory.buildProtocol = build  # type: ignore[method-assign]
+        if self._endpoint_factory is not None:
+            return self._endpoint_factory(host, port, secure).connect(factory)
         endpoint: Any = HostnameEndpoint(
             self.reactor, host, port, timeout=self.config.limits.handshake_timeout
         )
