@@ -26,6 +26,7 @@ UPSTREAM_TIMEOUT: Final = "UPSTREAM_TIMEOUT"
 UPSTREAM_CLOSED: Final = "UPSTREAM_CLOSED"
 UPSTREAM_ERROR: Final = "UPSTREAM_ERROR"
 SHUTTING_DOWN: Final = "SHUTTING_DOWN"
+INTERNAL_ERROR: Final = "INTERNAL_ERROR"
 
 #: Upstream error codes that are races the daemon tolerates: logged, never shown to the client.
 BENIGN_UPSTREAM_CODES: Final = frozenset(

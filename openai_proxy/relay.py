@@ -447,6 +447,16 @@ class ClientProtocol(WebSocketServerProtocol):
             )
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
+        try:
+            return self._accept(request)
+        except ConnectionDeny:
+            raise
+        except Exception:
+            # Autobahn would turn this into a bare HTTP 500 and the reason would vanish.
+            _log.failure("accepting a client failed")
+            raise ConnectionDeny(500, "internal error") from None
+
+    def _accept(self, request: ConnectionRequest) -> str | None:
         registry = self.factory.registry
         if registry.draining:
             raise ConnectionDeny(503, "the server is shutting down")
@@ -484,6 +494,13 @@ class ClientProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is None or self._gone:
             return
+        try:
+            self._handle_client_message(payload, isBinary)
+        except Exception:
+            self._internal_error()
+
+    def _handle_client_message(self, payload: bytes, isBinary: bool) -> None:
+        assert self.session is not None
         if isBinary:
             outputs = self.session.client_binary(payload)
         else:
@@ -495,6 +512,14 @@ class ClientProtocol(WebSocketServerProtocol):
                 self.log_message("client->daemon", _peek_type(text))
             outputs = self.session.client_text(text)
         self._carry_out(outputs)
+
+    def _internal_error(self) -> None:
+        """A bug met one input: log it, tell the client, and keep the session (and the process) going."""
+        _log.failure("internal error", **self.log_fields)
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(json.dumps(m.error(
+                errors.INTERNAL_ERROR, "the daemon failed to handle a message; the session goes on"
+            )).encode("utf-8"))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._gone = True
@@ -535,7 +560,10 @@ class ClientProtocol(WebSocketServerProtocol):
             return
         self.log_message("upstream->daemon", event)
         # (The session logs upstream error events at the default level.)
-        self._carry_out(self.session.upstream_event(event))
+        try:
+            self._carry_out(self.session.upstream_event(event))
+        except Exception:
+            self._internal_error()
 
     def upstream_failed(self, code: str, description: str) -> None:
         if self.session is not None:

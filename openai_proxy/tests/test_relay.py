@@ -463,3 +463,28 @@ class HeadTests(HttpTests):
             b"HEAD", f"http://127.0.0.1:{self.daemon.port.getHost().port}/readyz".encode())
         body = yield readBody(response)
         self.assertEqual((response.code, body), (200, b""))
+
+
+class InternalErrorTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_a_failing_handler_answers_an_error_and_the_session_goes_on(self) -> None:
+        yield self.start()
+        client = yield self.configured_client()
+        assert self.daemon.registry is not None
+        [server_side] = list(self.daemon.registry._sessions)
+        real = server_side.session.client_text
+        calls = []
+
+        def broken_once(text: str) -> Any:
+            if not calls:
+                calls.append(text)
+                raise RuntimeError("simulated bug")
+            return real(text)
+
+        server_side.session.client_text = broken_once
+        client.send_json({"type": "KeepAlive"})
+        error = yield client.expect("Error")
+        self.assertEqual(error["code"], errors.INTERNAL_ERROR)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        client.send_json({"type": "InjectUserMessage", "content": "still alive?"})
+        yield client.expect("AgentAudioDone", timeout=10)
