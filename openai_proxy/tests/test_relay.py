@@ -488,3 +488,40 @@ class InternalErrorTests(_DaemonTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         client.send_json({"type": "InjectUserMessage", "content": "still alive?"})
         yield client.expect("AgentAudioDone", timeout=10)
+
+
+class _HostileUpstream(WebSocketServerProtocol):
+    """Answers a session.update with garbage of every kind, then a real session.updated."""
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        event = json.loads(payload)
+        if event["type"] != "session.update":
+            return
+        self.sendMessage(b"\x00\x01binary", isBinary=True)
+        for junk in [b"not json", b"[1, 2]", b'{"type": 5}', b'{"no": "type"}',
+                     b'{"type": "response.output_audio.delta", "delta": "!!!"}',
+                     b'{"type": "response.created", "response": []}',
+                     b'{"type": "error", "error": "flat"}',
+                     b'{"type": "brand.new.event", "x": 1}']:
+            self.sendMessage(junk, isBinary=False)
+        self.sendMessage(json.dumps({"type": "session.updated", "event_id": "e",
+                                     "session": event["session"]}).encode(), isBinary=False)
+
+
+class HostileUpstreamTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_garbage_from_the_upstream_breaks_nothing(self) -> None:
+        factory = WebSocketServerFactory()
+        factory.protocol = _HostileUpstream
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        yield self.start(url_for=lambda model: f"ws://127.0.0.1:{number}/v1/realtime?model={model}")
+        client = yield self.configured_client()
+        # Only Deepgram messages reached the client: nothing raw, no binary frame.
+        self.assertEqual([f for f in client.frames if isinstance(f, bytes)], [])
+        for message in client.messages:
+            self.assertIn(message["type"], {"Welcome", "SettingsApplied", "Warning", "Error"})
+        client.send_json({"type": "KeepAlive"})
+        yield wait(0.1)
+        self.assertTrue(client.transport.connected)
