@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -583,6 +583,7 @@ class ClientProtocol(WebSocketServerProtocol):
     def _carry_out(self, outputs: list[s.Output]) -> None:
         for output in outputs:
             if isinstance(output, s.SendClient):
+                self.factory.registry.count_client_message(output.message)
                 if self.state == self.STATE_OPEN:
                     self.log_message("daemon->client", output.message)
                     self.sendMessage(json.dumps(output.message).encode("utf-8"), isBinary=False)
@@ -682,12 +683,22 @@ class SessionRegistry(Service):
         self._sessions: set[ClientProtocol] = set()
         self.draining = False
         self._drained: list[defer.Deferred[None]] = []
+        #: Sessions opened since the start.
+        self.sessions_total = 0
+        #: ``Error`` / ``Warning`` messages sent to clients, by (type, code).
+        self.client_errors: Counter[tuple[str, str]] = Counter()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def add(self, protocol: ClientProtocol) -> None:
         self._sessions.add(protocol)
+        self.sessions_total += 1
+
+    def count_client_message(self, message: dict[str, Any]) -> None:
+        """Count an ``Error`` or ``Warning`` on its way to a client (for ``/metrics``)."""
+        if message.get("type") in ("Error", "Warning"):
+            self.client_errors[(message["type"], str(message.get("code")))] += 1
 
     def remove(self, protocol: ClientProtocol) -> None:
         self._sessions.discard(protocol)

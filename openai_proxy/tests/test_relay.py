@@ -525,3 +525,19 @@ class HostileUpstreamTests(_DaemonTestCase):
         client.send_json({"type": "KeepAlive"})
         yield wait(0.1)
         self.assertTrue(client.transport.connected)
+
+
+class MetricsTests(HttpTests):
+    @defer.inlineCallbacks
+    def test_metrics_count_sessions_and_errors(self) -> None:
+        yield self.start()
+        client = yield self.configured_client()
+        client.send_json({"type": "Teleport"})
+        yield client.expect("Error")
+        code, body = yield self.get("/metrics")
+        self.assertEqual(code, 200)
+        text = body.decode()
+        self.assertIn("openai_proxy_sessions 1\n", text)
+        self.assertIn("openai_proxy_sessions_total 1\n", text)
+        self.assertIn('openai_proxy_client_errors_total{type="Error",code="UNSUPPORTED_CLIENT_MESSAGE"} 1',
+                      text)
