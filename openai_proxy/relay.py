@@ -504,10 +504,8 @@ class ClientProtocol(WebSocketServerProtocol):
         if isBinary:
             outputs = self.session.client_binary(payload)
         else:
-            try:
-                text = payload.decode("utf-8")
-            except UnicodeDecodeError:
-                text = "\x00"  # Autobahn validates UTF-8; this only guards the contract.
+            # Autobahn has already validated the UTF-8 of text frames (1007 otherwise).
+            text = payload.decode("utf-8", "replace")
             if self.factory.debug:
                 self.log_message("client->daemon", _peek_type(text))
             outputs = self.session.client_text(text)

@@ -221,7 +221,6 @@ class _CallRound:
     server_side: set[str] = field(default_factory=set)
     output_items: dict[str, str] = field(default_factory=dict)
     response_ended: bool = False
-    timer_running: bool = False
 
 
 class Session:
@@ -265,12 +264,10 @@ class Session:
         self._input: InputConverter | None = None
         self._output: OutputConverter | None = None
         self._batcher: AppendBatcher | None = None
-        self._append_timer = False
         self._audio_item: _AudioItem | None = None
         self._last_audio_item: _AudioItem | None = None
-        self._muted_response: str | None = None
-        #: Responses that ended; late audio for them is never forwarded.
-        self._ended_responses: deque[str] = deque(maxlen=32)
+        #: Responses that ended or were interrupted: their audio is never forwarded (again).
+        self._silenced_responses: deque[str] = deque(maxlen=32)
         self._agent_spoke = False
         # turn state
         self._user_speaking = False
@@ -366,7 +363,6 @@ class Session:
         if self.phase is Phase.CLOSED:
             return self._flush()
         if name == APPEND_FLUSH_TIMER:
-            self._append_timer = False
             if self._batcher is not None:
                 chunk = self._batcher.flush()
                 if chunk:
@@ -456,11 +452,9 @@ class Session:
             return
         for chunk in self._batcher.add(converted):
             self._append(chunk)
-        if self._batcher.pending_ms > 0 and not self._append_timer:
-            self._append_timer = True
+        if self._batcher.pending_ms > 0 and APPEND_FLUSH_TIMER not in self._timers:
             self._start_timer(APPEND_FLUSH_TIMER, APPEND_FLUSH_SECONDS)
-        elif self._batcher.pending_ms == 0 and self._append_timer:
-            self._append_timer = False
+        elif self._batcher.pending_ms == 0:
             self._cancel_timer(APPEND_FLUSH_TIMER)
 
     def _append(self, chunk: bytes) -> None:
@@ -842,8 +836,7 @@ class Session:
             return
         timer = f"{FUNCTION_FOLLOWUP_TIMER}:{round_.response_id}"
         if not round_.response_ended:
-            if not round_.timer_running:
-                round_.timer_running = True
+            if timer not in self._timers:
                 self._start_timer(timer, self.options.function_call_timeout)
             return
         self._cancel_timer(timer)
@@ -913,7 +906,7 @@ class Session:
         memory of the item is cut to what the client could have heard.
         """
         if self._response is not None:
-            self._muted_response = self._response.response_id
+            self._silenced_responses.append(self._response.response_id)
             self._response.interrupted = True
             if cancel:
                 self._upstream(m.response_cancel(self._next_id("cancel")))
@@ -1080,10 +1073,8 @@ class Session:
             # The response we asked for ended without our seeing it start.
             self._response_requested = False
         self._turn_end = None
-        if response_id == self._muted_response:
-            self._muted_response = None
-        if response_id:
-            self._ended_responses.append(response_id)
+        if response_id and response_id not in self._silenced_responses:
+            self._silenced_responses.append(response_id)
         round_ = self._call_rounds.get(response_id) if response_id else None
         if round_ is not None:
             round_.response_ended = True
@@ -1099,7 +1090,7 @@ class Session:
     def _on_output_audio_delta(self, event: dict[str, Any]) -> None:
         response_id = event["response_id"]
         item_id = event["item_id"]
-        if response_id == self._muted_response or response_id in self._ended_responses:
+        if response_id in self._silenced_responses:
             return
         assert self.plan is not None and self._output is not None
         data = base64.b64decode(event["delta"], validate=True)
