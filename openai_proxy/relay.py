@@ -47,6 +47,7 @@ from openai_proxy.config import Config
 from openai_proxy.functions import FunctionCaller
 from openai_proxy.telemetry import parse_trace_id
 from openai_proxy.translate import messages as m
+from openai_proxy.wsclose import cancel_close_handshake_timer
 
 _log = Logger(namespace="openai_proxy")
 
@@ -124,6 +125,7 @@ class UpstreamProtocol(WebSocketClientProtocol):
     def connectionLost(self, reason: Failure = internet_error.ConnectionDone) -> None:  # type: ignore[assignment]
         self._lost_reason = reason
         super().connectionLost(reason)
+        cancel_close_handshake_timer(self)
 
     def onOpen(self) -> None:
         try:
@@ -435,6 +437,10 @@ class ClientProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         _no_delay(self.transport)
+
+    def connectionLost(self, reason: Failure = internet_error.ConnectionDone) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
+        cancel_close_handshake_timer(self)
 
     def onMessageFrameBegin(self, length: int) -> None:
         # The message size limit applies to what clients send; Autobahn's own option would also refuse

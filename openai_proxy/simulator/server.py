@@ -65,6 +65,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.logger import Logger
 
+from ..wsclose import cancel_close_handshake_timer
 from . import voice
 from .validation import ClientEventError, validate_client_event
 
@@ -1353,6 +1354,10 @@ class SimulatorProtocol(WebSocketServerProtocol):
                 "The server had an error while processing your request.",
                 error_type="server_error",
             )
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        cancel_close_handshake_timer(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.session is not None:

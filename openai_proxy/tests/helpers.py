@@ -21,6 +21,7 @@ from openai_proxy.relay import ClientFactory, SessionRegistry, UpstreamConnector
 from openai_proxy.simulator import SimulatorFactory, listen_simulator
 from openai_proxy.simulator.validation import validate_client_event
 from openai_proxy.web import make_site
+from openai_proxy.wsclose import cancel_close_handshake_timer
 
 
 def wait(seconds: float) -> defer.Deferred[None]:
@@ -123,6 +124,10 @@ class TestClient(WebSocketClientProtocol):
         self.messages.append(message)
         self.frames.append(message)
         self._check()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        cancel_close_handshake_timer(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.opened.called:

@@ -541,3 +541,55 @@ class MetricsTests(HttpTests):
         self.assertIn("openai_proxy_sessions_total 1\n", text)
         self.assertIn('openai_proxy_client_errors_total{type="Error",code="UNSUPPORTED_CLIENT_MESSAGE"} 1',
                       text)
+
+
+class _DeafUpstream(WebSocketServerProtocol):
+    """Opens, then never answers a close frame (a peer that vanishes mid-closing-handshake)."""
+
+    opened: list[_DeafUpstream] = []
+
+    def onOpen(self) -> None:
+        _DeafUpstream.opened.append(self)
+
+    def onCloseFrame(self, code: Any, reasonRaw: Any) -> None:
+        return None
+
+
+def _batched_timer_calls() -> list[Any]:
+    """Reactor calls that carry Autobahn's batched timers (closing-handshake timeouts and the like)."""
+    return [c for c in reactor.getDelayedCalls() if getattr(c.func, "__name__", "") == "_notify_bucket"]
+
+
+class CloseTimerTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_no_closing_handshake_timer_outlives_a_lost_connection(self) -> None:
+        _DeafUpstream.opened = []
+        factory = WebSocketServerFactory()
+        factory.protocol = _DeafUpstream
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        yield self.start(url_for=lambda model: f"ws://127.0.0.1:{number}/v1/realtime?model={model}")
+        client = yield connect_client(self.daemon.url)
+        self.addCleanup(self._close, client)
+        yield client.expect("Welcome")
+        client.send_json(default_settings())
+        for _ in range(100):
+            if _DeafUpstream.opened:
+                break
+            yield wait(0.01)
+        upstream = _DeafUpstream.opened[0]
+        # The client leaves: the daemon starts the upstream's closing handshake, which is never answered.
+        client.dropConnection(abort=True)
+        for _ in range(50):
+            if _batched_timer_calls():
+                break
+            yield wait(0.01)
+        self.assertNotEqual(_batched_timer_calls(), [], "the closing handshake never started")
+        upstream.transport.abortConnection()
+        for _ in range(100):
+            if not upstream.transport.connected and not self.daemon.registry:
+                break
+            yield wait(0.01)
+        yield wait(0.02)
+        self.assertEqual(_batched_timer_calls(), [])
