@@ -277,7 +277,7 @@ def build_config(
     prefixes_raw = pick("function-url-prefixes", "OPENAI_PROXY_FUNCTION_URL_PREFIXES")
     function_url_prefixes: tuple[str, ...] = ()
     if prefixes_raw:
-        from openai_proxy.functions import check_prefix
+        from openai_proxy.endpoint import check_prefix
 
         checked = []
         for prefix in _split_list(prefixes_raw):

@@ -28,7 +28,7 @@ from openai_proxy.audio import (
     bytes_per_ms,
     sample_bytes,
 )
-from openai_proxy.functions import Endpoint
+from openai_proxy.endpoint import Endpoint
 from openai_proxy.translate import messages as m
 from openai_proxy.translate.settings import (
     SessionPlan,

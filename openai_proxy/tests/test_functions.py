@@ -736,3 +736,18 @@ def _turn() -> defer.Deferred[None]:
     d: defer.Deferred[None] = defer.Deferred()
     reactor.callLater(0.01, d.callback, None)
     return d
+
+
+class HttpClientViewTests(TestCase):
+    """The pure endpoint policy reads a URL exactly as Twisted's HTTP client will send it."""
+
+    def test_matches_twisted_uri(self) -> None:
+        from twisted.web.client import URI
+
+        from openai_proxy.endpoint import http_client_view
+
+        for url in [b"http://a.example/", b"https://a.example", b"http://a.example:8080/x;p?q=1#f",
+                    b"http://a.example:/x", b"http://a.example:port/x", b"http://[::1]:81/x",
+                    b"  http://a.example/path?x  ", b"https://a.example:443/a/b/../c"]:
+            uri = URI.fromBytes(url)
+            self.assertEqual(http_client_view(url), (uri.host, uri.port, uri.originForm), url)

@@ -20,7 +20,7 @@ from openai_proxy.audio import (
     upstream_format_for,
 )
 from openai_proxy.config import OPENAI_VOICES
-from openai_proxy.functions import Endpoint, EndpointError, parse_endpoint, url_allowed
+from openai_proxy.endpoint import Endpoint, EndpointError, parse_endpoint, url_allowed
 from openai_proxy.jsonshape import type_name
 
 #: OpenAI function names: letters, digits, underscores and dashes, at most 64.
