@@ -36,3 +36,10 @@ BENIGN_UPSTREAM_CODES: Final = frozenset(
         "input_audio_buffer_commit_empty",
     }
 )
+
+#: A response ended ``incomplete`` (``max_output_tokens``, ``content_filter``): a Warning.
+RESPONSE_INCOMPLETE: Final = "RESPONSE_INCOMPLETE"
+#: A response ended ``failed`` without an upstream error code: a Warning.
+RESPONSE_FAILED: Final = "RESPONSE_FAILED"
+#: The upstream could not transcribe the user's speech: a Warning; the reply goes on.
+TRANSCRIPTION_FAILED: Final = "TRANSCRIPTION_FAILED"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -192,7 +192,8 @@ class UpstreamLink:
     def _handshake_timed_out(self) -> None:
         self._timeout = None
         if self._protocol is None and not self._closed:
-            self._fail(errors.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
+            self._closed = True
+            self._owner.upstream_report(lambda session: session.upstream_timed_out())
             self.close()
 
     def _cancel_timeout(self) -> None:
@@ -211,7 +212,9 @@ class UpstreamLink:
             problem=failure.getErrorMessage(),
             **self._owner.log_fields,
         )
-        self._fail(errors.UPSTREAM_UNAVAILABLE, "the upstream could not be reached")
+        if not self._closed:
+            self._closed = True
+            self._owner.upstream_report(lambda session: session.upstream_unreachable())
 
     def send(self, event: dict[str, Any]) -> None:
         if self._closed:
@@ -228,7 +231,8 @@ class UpstreamLink:
     def _write(self, event: dict[str, Any]) -> None:
         assert self._protocol is not None
         self._owner.log_message("daemon->upstream", event)
-        self._protocol.sendMessage(json.dumps(event, separators=(",", ":")).encode("utf-8"))
+        self._protocol.sendMessage(
+            json.dumps(event, separators=(",", ":"), allow_nan=False).encode("utf-8"))
 
     def _flush_gate(self, protocol: UpstreamProtocol) -> None:
         while self._queue and not self._closed:
@@ -277,33 +281,12 @@ class UpstreamLink:
         if self._closed:
             return
         self._closed = True
-        if was_open:
-            self._owner.upstream_failed(
-                errors.UPSTREAM_CLOSED,
-                f"the upstream closed the session (code {code})" if code else
-                "the upstream closed the session",
-            )
-            return
-        if lost is not None and lost.check(SSL.Error):
-            self._owner.upstream_failed(
-                errors.UPSTREAM_TLS_FAILED, "the upstream's TLS certificate could not be verified"
-            )
-        elif status in (401, 403):
-            self._owner.upstream_failed(
-                errors.UPSTREAM_AUTH_FAILED, f"the upstream refused the daemon's key (HTTP {status})"
-            )
-        elif status == 429:
-            self._owner.upstream_failed(
-                errors.UPSTREAM_RATE_LIMITED, "the upstream is rate limiting (HTTP 429)"
-            )
-        elif status is not None:
-            self._owner.upstream_failed(
-                errors.UPSTREAM_UNAVAILABLE, f"the upstream refused the connection (HTTP {status})"
-            )
-        else:
-            self._owner.upstream_failed(
-                errors.UPSTREAM_UNAVAILABLE, "the upstream closed before the session started"
-            )
+        self._owner.upstream_closed(s.UpstreamClosure(
+            was_open=was_open,
+            close_code=code,
+            http_status=status,
+            tls_failed=lost is not None and lost.check(SSL.Error) is not None,
+        ))
 
     def _fail(self, code: str, description: str) -> None:
         if not self._closed:
@@ -430,7 +413,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self.request_id = ""
         self.trace_id: str | None = None
         self._upstream: UpstreamLink | None = None
-        self._timers: dict[str, Any] = {}
+        self._timers: dict[Hashable, Any] = {}
         self._function_calls: set[defer.Deferred[str]] = set()
         self._gone = False
 
@@ -573,6 +556,15 @@ class ClientProtocol(WebSocketServerProtocol):
         if self.session is not None:
             self._carry_out(self.session.upstream_failed(code, description))
 
+    def upstream_closed(self, closure: s.UpstreamClosure) -> None:
+        if self.session is not None:
+            self._carry_out(self.session.upstream_closed(closure))
+
+    def upstream_report(self, report: Callable[[s.Session], list[s.Output]]) -> None:
+        """Hand one fact about the upstream to the session (it decides what the client hears)."""
+        if self.session is not None:
+            self._carry_out(report(self.session))
+
     # -- outputs ----------------------------------------------------------------------------------
 
     def log_message(self, direction: str, message: Any) -> None:
@@ -590,7 +582,8 @@ class ClientProtocol(WebSocketServerProtocol):
                 self.factory.registry.count_client_message(output.message)
                 if self.state == self.STATE_OPEN:
                     self.log_message("daemon->client", output.message)
-                    self.sendMessage(json.dumps(output.message).encode("utf-8"), isBinary=False)
+                    self.sendMessage(json.dumps(output.message, allow_nan=False).encode("utf-8"),
+                                     isBinary=False)
             elif isinstance(output, s.SendClientAudio):
                 if self.state == self.STATE_OPEN:
                     self.sendMessage(output.data, isBinary=True)
@@ -638,7 +631,7 @@ class ClientProtocol(WebSocketServerProtocol):
         result.addCallback(answered)
         result.addErrback(lambda f: f.trap(defer.CancelledError))
 
-    def _start_timer(self, name: str, seconds: float) -> None:
+    def _start_timer(self, name: Hashable, seconds: float) -> None:
         previous = self._timers.pop(name, None)
         if previous is not None and previous.active():
             previous.cancel()
@@ -661,16 +654,14 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def shut_down(self) -> None:
         """Close for a daemon shutdown: the client may reconnect elsewhere."""
-        if not self._gone and self.state == self.STATE_OPEN:
-            self._carry_out([s.SendClient(m.error(errors.SHUTTING_DOWN,
-                                                  "the server is shutting down; reconnect"))])
-            self.close_with(1001, "server shutting down")
+        if not self._gone and self.state == self.STATE_OPEN and self.session is not None:
+            self._carry_out(self.session.draining())
 
 
 def _peek_type(text: str) -> str | None:
     try:
         message = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # the session answers UNPARSABLE_CLIENT_MESSAGE
         return None
     return _safe_type(message)
 

@@ -1,23 +1,29 @@
 """
-The per-client session state machine: Deepgram Voice Agent v1 on one side, OpenAI Realtime GA on the other.
+The per-client session: Deepgram Voice Agent v1 on one side, OpenAI Realtime GA on the other.
 
-It does no I/O.  Each input method (a client frame, an upstream event, the upstream opening or failing, a
-timer firing, the client leaving) returns the list of *outputs* the caller must carry out, in order:
-frames for the client, events for the upstream, timers to start or cancel, closes and log records.
-Time comes from the injected ``now`` callable.
+It does no I/O and imports no Twisted.  Each input method (a client frame, an upstream event, the
+upstream opening, failing or closing, a timer firing, the daemon draining, the client leaving) returns
+the list of *outputs* (:mod:`openai_proxy.outputs`) the caller must carry out, in order.  Time comes
+from the injected ``now`` callable.
+
+This module orchestrates; the parts it owns each keep one set of rules and write only through the
+session's :class:`~openai_proxy.outputs.Emitter`:
+
+- :mod:`openai_proxy.translate.client` / :mod:`openai_proxy.translate.upstream`: typed inputs, parsed
+  once at the edge;
+- :mod:`openai_proxy.scheduling`: the response state machine and the waiting requests;
+- :mod:`openai_proxy.replies`: agent audio delivered and heard, per item; barge-in;
+- :mod:`openai_proxy.function_calls`: function-call rounds.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
-import json
-import math
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from openai_proxy import errors
@@ -29,11 +35,34 @@ from openai_proxy.audio import (
     sample_bytes,
 )
 from openai_proxy.endpoint import Endpoint
+from openai_proxy.function_calls import CallRound, FunctionCalls
+from openai_proxy.outputs import (  # noqa: F401  (re-exported: callers use session.<Output>)
+    CallFunction,
+    CancelTimer,
+    CloseClient,
+    CloseUpstream,
+    ConnectUpstream,
+    Emitter,
+    Log,
+    Output,
+    SendClient,
+    SendClientAudio,
+    SendUpstream,
+    StartTimer,
+    TimerKey,
+    TimerKind,
+)
+from openai_proxy.replies import Replies
+from openai_proxy.scheduling import ResponseRequest, ResponseState, Scheduler
+from openai_proxy.translate import client
 from openai_proxy.translate import messages as m
+from openai_proxy.translate import upstream as up
 from openai_proxy.translate.settings import (
     SessionPlan,
     SettingsError,
     choose_model,
+    ignored_field_hint,
+    ignored_settings_fields,
     parse_listen_language,
     parse_settings,
     parse_speak,
@@ -43,99 +72,16 @@ from openai_proxy.translate.settings import (
     verbatim_instructions,
 )
 
-# -- outputs ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SendClient:
-    """A JSON text frame for the client."""
-
-    message: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class SendClientAudio:
-    """A binary frame of agent audio for the client."""
-
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ConnectUpstream:
-    """Open the upstream WebSocket for ``model``."""
-
-    model: str
-
-
-@dataclass(frozen=True)
-class SendUpstream:
-    """A GA client event for the upstream (the caller holds it until the upstream is open)."""
-
-    event: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class CallFunction:
-    """Call a server-side function's endpoint; answer with :meth:`Session.function_result`."""
-
-    call_id: str
-    name: str
-    arguments: str
-    endpoint: Endpoint
-
-
-@dataclass(frozen=True)
-class StartTimer:
-    name: str
-    seconds: float
-
-
-@dataclass(frozen=True)
-class CancelTimer:
-    name: str
-
-
-@dataclass(frozen=True)
-class CloseClient:
-    code: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class CloseUpstream:
-    pass
-
-
-@dataclass(frozen=True)
-class Log:
-    """A structured log record: ``level`` is debug|info|warn|error; ``fields`` go to the record."""
-
-    level: str
-    format: str
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
-Output = (
-    SendClient
-    | SendClientAudio
-    | ConnectUpstream
-    | SendUpstream
-    | CallFunction
-    | StartTimer
-    | CancelTimer
-    | CloseClient
-    | CloseUpstream
-    | Log
-)
-
-APPEND_FLUSH_TIMER = "append-flush"
-FUNCTION_FOLLOWUP_TIMER = "function-followup"
+APPEND_FLUSH_TIMER = TimerKey(TimerKind.APPEND_FLUSH)
+UPDATE_WATCHDOG = TimerKey(TimerKind.UPDATE_WATCHDOG)
 #: How long a partial append batch may wait for more audio.
 APPEND_FLUSH_SECONDS = 0.04
 #: Client requests that may wait for the session or for the active response to end.
 MAX_WAITING_REQUESTS = 32
 #: Longest prompt UpdatePrompt may grow the instructions to (characters).
 MAX_INSTRUCTIONS_CHARS = 64 * 1024
+#: Housekeeping event ids remembered so that an upstream error answering one is recognised.
+MAX_HOUSEKEEPING_IDS = 64
 
 
 @dataclass(frozen=True)
@@ -150,6 +96,40 @@ class SessionOptions:
     function_call_timeout: float = 10.0
     #: URL prefixes server-side functions may call; empty: functions with an endpoint are refused.
     function_url_prefixes: tuple[str, ...] = ()
+    #: Longest the upstream may stay quiet while a response or a session.update waits on it (s).
+    response_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class UpstreamClosure:
+    """
+    The facts of an upstream connection's end, as the network saw them: whether it had opened, the
+    WebSocket close code, the HTTP status of a refused handshake, and whether TLS verification failed.
+    """
+
+    was_open: bool
+    close_code: int | None = None
+    http_status: int | None = None
+    tls_failed: bool = False
+
+
+def upstream_closure_error(closure: UpstreamClosure) -> tuple[str, str]:
+    """The client ``Error`` ``(code, description)`` for an upstream's end (SPEC §7)."""
+    if closure.was_open:
+        code = closure.close_code
+        return errors.UPSTREAM_CLOSED, (
+            f"the upstream closed the session (code {code})" if code else
+            "the upstream closed the session")
+    status = closure.http_status
+    if closure.tls_failed:
+        return errors.UPSTREAM_TLS_FAILED, "the upstream's TLS certificate could not be verified"
+    if status in (401, 403):
+        return errors.UPSTREAM_AUTH_FAILED, f"the upstream refused the daemon's key (HTTP {status})"
+    if status == 429:
+        return errors.UPSTREAM_RATE_LIMITED, "the upstream is rate limiting (HTTP 429)"
+    if status is not None:
+        return errors.UPSTREAM_UNAVAILABLE, f"the upstream refused the connection (HTTP {status})"
+    return errors.UPSTREAM_UNAVAILABLE, "the upstream closed before the session started"
 
 
 class Phase(enum.Enum):
@@ -159,12 +139,22 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+class Ack(enum.Enum):
+    """What the client is told when a ``session.update`` is applied."""
+
+    SETTINGS_APPLIED = "SettingsApplied"
+    PROMPT_UPDATED = "PromptUpdated"
+    SPEAK_UPDATED = "SpeakUpdated"
+    THINK_UPDATED = "ThinkUpdated"
+    LISTEN_UPDATED = "ListenUpdated"
+
+
 @dataclass
 class _PendingUpdate:
     """A ``session.update`` sent and not yet answered."""
 
     event_id: str
-    ack: str | None
+    ack: Ack | None
     plan: SessionPlan
     #: Only a voice change (sent alone once the agent has spoken): a refusal is a Warning, not an Error.
     voice_only: bool = False
@@ -174,53 +164,8 @@ class _PendingUpdate:
 class _QueuedUpdate:
     """An update waiting for the active response to end."""
 
-    ack: str
+    ack: Ack
     plan: SessionPlan
-
-
-@dataclass
-class _ResponseRequest:
-    """A ``response.create`` the daemon wants to send once nothing is active."""
-
-    reason: str
-    instructions: str | None = None
-    #: Item ids that must be confirmed by the upstream before the response may be created.
-    after_items: frozenset[str] = frozenset()
-
-
-@dataclass
-class _Response:
-    """The one active response, from ``response.created`` to ``response.done``."""
-
-    response_id: str
-    call_ids: list[str] = field(default_factory=list)
-    interrupted: bool = False
-
-
-@dataclass
-class _AudioItem:
-    """Agent audio of one assistant item as delivered to the client."""
-
-    item_id: str
-    response_id: str
-    delivered_bytes: int = 0
-    started_at: float = 0.0
-    done: bool = False
-
-
-@dataclass
-class _CallRound:
-    """The function calls one response asked for, and their outputs."""
-
-    response_id: str
-    call_ids: list[str]
-    names: dict[str, str]
-    arguments: dict[str, str]
-    outputs: dict[str, str] = field(default_factory=dict)
-    #: Calls the daemon runs itself (functions with an endpoint).
-    server_side: set[str] = field(default_factory=set)
-    output_items: dict[str, str] = field(default_factory=dict)
-    response_ended: bool = False
 
 
 class Session:
@@ -237,90 +182,80 @@ class Session:
         self.options = options
         self._now = now
         self.request_id = request_id or str(uuid.uuid4())
+        self._emit = Emitter(self.request_id)
         self.phase = Phase.AWAITING_SETTINGS
         self.plan: SessionPlan | None = None
-        self._out: list[Output] = []
-        self._event_seq = 0
         self._upstream_requested = False
         self._connected_model: str | None = None
         self._upstream_open = False
         # session.update bookkeeping
         self._in_flight_updates: deque[_PendingUpdate] = deque()
         self._queued_updates: deque[_QueuedUpdate] = deque()
-        # response bookkeeping
-        self._response: _Response | None = None
-        self._response_requested = False
-        self._response_queue: deque[_ResponseRequest] = deque()
-        self._awaiting_items: set[str] = set()
+        self._update_sent_at = 0.0
+        # responses, replies and calls
+        self._scheduler = Scheduler(self._emit, now, options.response_timeout, MAX_WAITING_REQUESTS)
+        self._replies: Replies | None = None
+        self._calls = FunctionCalls(self._emit, options.function_call_timeout)
         #: event_id of each conversation.item.create → its item id, to match upstream errors.
         self._item_events: dict[str, str] = {}
         self._user_echo: dict[str, str] = {}
+        #: Events the daemon sent for its own housekeeping (truncate, cancel, delete).
+        self._housekeeping: deque[str] = deque(maxlen=MAX_HOUSEKEEPING_IDS)
         # held input before the session is configured
         self._held_audio = bytearray()
         self._held_audio_warned = False
         self._held_injections: list[str] = []
-        self._held_history_done = False
         # audio
         self._input: InputConverter | None = None
         self._output: OutputConverter | None = None
         self._batcher: AppendBatcher | None = None
-        self._audio_item: _AudioItem | None = None
-        self._last_audio_item: _AudioItem | None = None
-        #: Responses that ended or were interrupted: their audio is never forwarded (again).
-        self._silenced_responses: deque[str] = deque(maxlen=32)
-        self._agent_spoke = False
         # turn state
         self._user_speaking = False
+        #: When the user's turn ended (latency reference for AgentStartedSpeaking).
         self._turn_end: float | None = None
         self._first_text_at: float | None = None
         self._texted_items: set[str] = set()
-        self._requested_calls: set[str] = set()
-        self._call_rounds: dict[str, _CallRound] = {}
-        self._call_to_round: dict[str, str] = {}
-        self._timers: set[str] = set()
 
     # -- helpers ------------------------------------------------------------------------------------
 
     def _flush(self) -> list[Output]:
-        out, self._out = self._out, []
-        return out
+        return self._emit.flush()
 
     def _next_id(self, prefix: str) -> str:
-        self._event_seq += 1
-        return f"{prefix}_{self.request_id[:8]}_{self._event_seq}"
+        return self._emit.next_id(prefix)
 
     def _client(self, message: dict[str, Any]) -> None:
-        self._out.append(SendClient(message))
+        self._emit.client(message)
 
     def _upstream(self, event: dict[str, Any]) -> None:
-        self._out.append(SendUpstream(event))
+        self._emit.upstream(event)
 
     def _log(self, level: str, fmt: str, **fields: Any) -> None:
-        self._out.append(Log(level, fmt, fields))
+        self._emit.log(level, fmt, **fields)
 
     def _error(self, code: str, description: str) -> None:
-        self._client(m.error(code, description))
-        self._log("info", "client error {error_code}: {description}", error_code=code,
-                  description=description)
+        self._emit.error(code, description)
 
     def _warning(self, code: str, description: str) -> None:
-        self._client(m.warning(code, description))
-        self._log("info", "client warning {error_code}: {description}", error_code=code,
-                  description=description)
+        self._emit.warning(code, description)
 
-    def _start_timer(self, name: str, seconds: float) -> None:
-        self._timers.add(name)
-        self._out.append(StartTimer(name, seconds))
+    def _start_timer(self, name: TimerKey, seconds: float) -> None:
+        self._emit.start_timer(name, seconds)
 
-    def _cancel_timer(self, name: str) -> None:
-        if name in self._timers:
-            self._timers.discard(name)
-            self._out.append(CancelTimer(name))
+    def _cancel_timer(self, name: TimerKey) -> None:
+        self._emit.cancel_timer(name)
+
+    def _agent_spoke(self) -> bool:
+        return self._replies is not None and self._replies.agent_spoke
 
     @property
     def response_active(self) -> bool:
-        """Whether a response is active upstream or requested and not yet confirmed."""
-        return self._response is not None or self._response_requested
+        """Whether a response is active upstream, requested and not yet confirmed, or being cancelled."""
+        return self._scheduler.busy
+
+    @property
+    def response_state(self) -> ResponseState:
+        return self._scheduler.state
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -333,10 +268,9 @@ class Session:
         """The client left: release the upstream and every timer."""
         if self.phase is not Phase.CLOSED:
             self.phase = Phase.CLOSED
-            for name in sorted(self._timers):
-                self._cancel_timer(name)
+            self._emit.cancel_all_timers()
             if self._upstream_requested:
-                self._out.append(CloseUpstream())
+                self._emit.emit(CloseUpstream())
         return self._flush()
 
     def upstream_opened(self) -> list[Output]:
@@ -346,41 +280,68 @@ class Session:
 
     def upstream_failed(self, code: str, description: str) -> list[Output]:
         """
-        The upstream could not be reached, refused us, or closed.  ``code`` is one of the UPSTREAM_*
-        codes of :mod:`openai_proxy.errors`.  The client gets an Error and then a close.
+        The upstream could not be reached in time, or the daemon gave up on it.  ``code`` is one of the
+        UPSTREAM_* codes of :mod:`openai_proxy.errors`.  The client gets an Error and then a close.
         """
         if self.phase is Phase.CLOSED:
             return self._flush()
         self._error(code, description)
         self.phase = Phase.CLOSED
-        for name in sorted(self._timers):
-            self._cancel_timer(name)
-        self._out.append(CloseClient(1011, description[:120]))
+        self._emit.cancel_all_timers()
+        self._emit.emit(CloseClient(1011, description[:120]))
         return self._flush()
 
-    def timer_fired(self, name: str) -> list[Output]:
-        self._timers.discard(name)
+    def upstream_unreachable(self) -> list[Output]:
+        """The upstream's address could not be connected to (DNS, refused, unreachable)."""
+        return self.upstream_failed(errors.UPSTREAM_UNAVAILABLE, "the upstream could not be reached")
+
+    def upstream_timed_out(self) -> list[Output]:
+        """The upstream's handshake did not complete within the handshake timeout."""
+        return self.upstream_failed(errors.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
+
+    def upstream_closed(self, closure: UpstreamClosure) -> list[Output]:
+        """The upstream connection ended (see :func:`upstream_closure_error` for what the client hears)."""
+        return self.upstream_failed(*upstream_closure_error(closure))
+
+    def draining(self) -> list[Output]:
+        """The daemon is shutting down: tell the client to reconnect elsewhere, then close with 1001."""
         if self.phase is Phase.CLOSED:
             return self._flush()
-        if name == APPEND_FLUSH_TIMER:
+        self._error(errors.SHUTTING_DOWN, "the server is shutting down; reconnect")
+        self._emit.emit(CloseClient(1001, "server shutting down"))
+        return self._flush()
+
+    def timer_fired(self, name: object) -> list[Output]:
+        self._emit.timers.discard(name)
+        if self.phase is Phase.CLOSED or not isinstance(name, TimerKey):
+            return self._flush()
+        if name.kind is TimerKind.APPEND_FLUSH:
             if self._batcher is not None:
                 chunk = self._batcher.flush()
                 if chunk:
                     self._append(chunk)
-        elif name.startswith(FUNCTION_FOLLOWUP_TIMER):
-            response_id = name.split(":", 1)[1]
-            round_ = self._call_rounds.get(response_id)
+        elif name.kind is TimerKind.FUNCTION_FOLLOWUP:
+            round_ = self._calls.rounds.get(name.key)
             if round_ is not None:
                 self._log(
                     "warn",
                     "response {response_id} never ended after its function calls; following up anyway",
-                    response_id=response_id,
+                    response_id=name.key,
                 )
                 round_.response_ended = True
-                if self._response is not None and self._response.response_id == response_id:
-                    self._response = None
+                if self._scheduler.active_id == name.key:
+                    self._scheduler.done(name.key)
+                    self._response_ended(name.key)
                 self._maybe_follow_up(round_)
                 self._pump()
+        elif name.kind is TimerKind.RESPONSE_WATCHDOG:
+            active = self._scheduler.active_id
+            if self._scheduler.watchdog_fired():
+                if active is not None:
+                    self._response_ended(active)
+                self._pump()
+        elif name.kind is TimerKind.UPDATE_WATCHDOG:
+            self._update_watchdog_fired()
         return self._flush()
 
     # -- client input -------------------------------------------------------------------------------
@@ -389,27 +350,11 @@ class Session:
         """One text frame from the client."""
         if self.phase is Phase.CLOSED:
             return self._flush()
-        try:
-            message = json.loads(text)
-        except ValueError:
-            self._error(errors.UNPARSABLE_CLIENT_MESSAGE, "the message is not valid JSON")
+        message = client.parse_client_message(text)
+        if isinstance(message, client.ClientMessageError):
+            self._error(message.code, message.description)
             return self._flush()
-        if not isinstance(message, dict):
-            self._error(errors.UNPARSABLE_CLIENT_MESSAGE, "the message is not a JSON object")
-            return self._flush()
-        message_type = message.get("type")
-        if not isinstance(message_type, str):
-            self._error(
-                errors.UNPARSABLE_CLIENT_MESSAGE, "the message has no string 'type' field"
-            )
-            return self._flush()
-        handler = self._client_handlers.get(message_type)
-        if handler is None:
-            self._error(
-                errors.UNSUPPORTED_CLIENT_MESSAGE,
-                f"message type {message_type[:64]!r} is not supported",
-            )
-            return self._flush()
+        handler = self._client_handlers[type(message)]
         handler(self, message)
         return self._flush()
 
@@ -452,7 +397,7 @@ class Session:
             return
         for chunk in self._batcher.add(converted):
             self._append(chunk)
-        if self._batcher.pending_ms > 0 and APPEND_FLUSH_TIMER not in self._timers:
+        if self._batcher.pending_ms > 0 and APPEND_FLUSH_TIMER not in self._emit.timers:
             self._start_timer(APPEND_FLUSH_TIMER, APPEND_FLUSH_SECONDS)
         elif self._batcher.pending_ms == 0:
             self._cancel_timer(APPEND_FLUSH_TIMER)
@@ -464,10 +409,10 @@ class Session:
 
     # Settings ---------------------------------------------------------------------------------------
 
-    def _on_settings(self, message: dict[str, Any]) -> None:
+    def _on_settings(self, message: client.Settings) -> None:
         try:
             plan = parse_settings(
-                message,
+                message.message,
                 default_model=self.options.default_model,
                 model_allowed=self.options.model_allowed,
                 default_voice=self.options.default_voice,
@@ -476,6 +421,13 @@ class Session:
         except SettingsError as e:
             self._error(errors.INVALID_SETTINGS, e.description)
             return
+        for path in ignored_settings_fields(message.message):
+            hint = ignored_field_hint(path)
+            self._warning(
+                errors.UNSUPPORTED_SETTING,
+                f"{path} is not a Deepgram Voice Agent v1 setting and was ignored"
+                + (f"; did you mean {hint}?" if hint else ""),
+            )
         if self.plan is None or self.phase is Phase.AWAITING_SETTINGS:
             self._apply_first_settings(plan)
         else:
@@ -499,6 +451,8 @@ class Session:
             )
         self._input = InputConverter(plan.input_format, plan.upstream_input_format)
         self._output = OutputConverter(plan.upstream_output_format, plan.output_format)
+        self._replies = Replies(self._emit, self._now, self._output,
+                                bytes_per_ms(plan.upstream_output_format))
         self._batcher = AppendBatcher(
             bytes_per_ms(plan.upstream_input_format),
             sample_bytes=sample_bytes(plan.upstream_input_format),
@@ -506,9 +460,10 @@ class Session:
         if not self._upstream_requested:
             self._upstream_requested = True
             self._connected_model = plan.model
-            self._out.append(ConnectUpstream(plan.model))
+            self._emit.emit(ConnectUpstream(plan.model))
         event_id = self._next_id("settings")
-        self._in_flight_updates.append(_PendingUpdate(event_id, "SettingsApplied", plan))
+        self._in_flight_updates.append(_PendingUpdate(event_id, Ack.SETTINGS_APPLIED, plan))
+        self._watch_updates()
         self._upstream(
             m.session_update(
                 event_id,
@@ -531,7 +486,7 @@ class Session:
                 "audio: the audio formats cannot change during a session",
             )
             return
-        self._queue_update("SettingsApplied", replace(plan, model=current.model,
+        self._queue_update(Ack.SETTINGS_APPLIED, replace(plan, model=current.model,
                                                       replaced_model=None))
 
     def _latest_plan(self) -> SessionPlan:
@@ -553,13 +508,10 @@ class Session:
             return False
         return True
 
-    def _on_update_prompt(self, message: dict[str, Any]) -> None:
+    def _on_update_prompt(self, message: client.UpdatePrompt) -> None:
         if not self._require_settings("UpdatePrompt"):
             return
-        prompt = message.get("prompt")
-        if not isinstance(prompt, str):
-            self._error(errors.INVALID_CLIENT_MESSAGE, "UpdatePrompt.prompt must be a string")
-            return
+        prompt = message.prompt
         plan = self._latest_plan().with_prompt_appended(prompt)
         if len(plan.instructions) > MAX_INSTRUCTIONS_CHARS:
             self._warning(
@@ -567,13 +519,13 @@ class Session:
                 f"the prompt would exceed {MAX_INSTRUCTIONS_CHARS} characters; the update was not applied",
             )
             return
-        self._queue_update("PromptUpdated", plan)
+        self._queue_update(Ack.PROMPT_UPDATED, plan)
 
-    def _on_update_speak(self, message: dict[str, Any]) -> None:
+    def _on_update_speak(self, message: client.UpdateSpeak) -> None:
         if not self._require_settings("UpdateSpeak"):
             return
         try:
-            speak = parse_speak(message.get("speak"), "speak")
+            speak = parse_speak(message.speak, "speak")
         except SettingsError as e:
             self._error(errors.INVALID_CLIENT_MESSAGE, e.description)
             return
@@ -583,13 +535,13 @@ class Session:
             voice=speak.voice or self.options.default_voice,
             speed=speak.speed if speak.speed is not None else current.speed,
         )
-        self._queue_update("SpeakUpdated", plan)
+        self._queue_update(Ack.SPEAK_UPDATED, plan)
 
-    def _on_update_think(self, message: dict[str, Any]) -> None:
+    def _on_update_think(self, message: client.UpdateThink) -> None:
         if not self._require_settings("UpdateThink"):
             return
         try:
-            think = parse_think(message.get("think"), "think", self.options.function_url_prefixes)
+            think = parse_think(message.think, "think", self.options.function_url_prefixes)
         except SettingsError as e:
             self._error(errors.INVALID_CLIENT_MESSAGE, e.description)
             return
@@ -609,17 +561,17 @@ class Session:
             instructions=think.prompt if think.prompt is not None else current.instructions,
             functions=think.functions if think.functions is not None else current.functions,
         )
-        self._queue_update("ThinkUpdated", plan)
+        self._queue_update(Ack.THINK_UPDATED, plan)
 
-    def _on_update_listen(self, message: dict[str, Any]) -> None:
+    def _on_update_listen(self, message: client.UpdateListen) -> None:
         if not self._require_settings("UpdateListen"):
             return
         try:
-            language = parse_listen_language(message.get("listen"), "listen")
+            language = parse_listen_language(message.listen, "listen")
         except SettingsError as e:
             self._error(errors.INVALID_CLIENT_MESSAGE, e.description)
             return
-        listen = message.get("listen")
+        listen = message.listen
         provider = listen.get("provider") if isinstance(listen, dict) else None
         ignored = sorted(
             k for k in (provider or {})
@@ -631,13 +583,13 @@ class Session:
                 "listen.provider." + ", listen.provider.".join(ignored)
                 + " cannot be applied: OpenAI's server VAD and transcription have no such setting",
             )
-        self._queue_update("ListenUpdated", replace(self._latest_plan(), language=language))
+        self._queue_update(Ack.LISTEN_UPDATED, replace(self._latest_plan(), language=language))
 
-    def _queue_update(self, ack: str, plan: SessionPlan) -> None:
+    def _queue_update(self, ack: Ack, plan: SessionPlan) -> None:
         if len(self._queued_updates) >= MAX_WAITING_REQUESTS:
             self._error(
                 errors.TOO_MANY_REQUESTS,
-                f"too many updates are waiting for the agent's reply to end; {ack[:-7]} dropped",
+                f"too many updates are waiting for the agent's reply to end; {ack.value[:-7]} dropped",
             )
             return
         self._queued_updates.append(_QueuedUpdate(ack, plan))
@@ -646,7 +598,7 @@ class Session:
     def _create_item(self, event: dict[str, Any]) -> str:
         """Send a ``conversation.item.create`` and wait for the upstream to confirm its item."""
         item_id: str = event["item"]["id"]
-        self._awaiting_items.add(item_id)
+        self._scheduler.awaiting_items.add(item_id)
         self._item_events[event["event_id"]] = item_id
         self._upstream(event)
         return item_id
@@ -662,11 +614,12 @@ class Session:
             del changes["audio"]["output"]
             if not changes["audio"]:
                 del changes["audio"]
-        if voice is not None and not self._agent_spoke:
+        if voice is not None and not self._agent_spoke():
             changes.setdefault("audio", {}).setdefault("output", {})["voice"] = voice
             voice = None
         event_id = self._next_id("update")
         self._in_flight_updates.append(_PendingUpdate(event_id, update.ack, update.plan))
+        self._watch_updates()
         self._upstream(m.session_update(event_id, changes))
         if voice is not None:
             # Once the agent has spoken the upstream refuses a voice change, and that refusal
@@ -681,110 +634,126 @@ class Session:
                 )
             )
 
-    # conversation input -------------------------------------------------------------------------------
+    def _watch_updates(self) -> None:
+        """A session.update is in flight: it gets an answer within ``response_timeout``."""
+        self._update_sent_at = self._now()
+        if UPDATE_WATCHDOG not in self._emit.timers:
+            self._start_timer(UPDATE_WATCHDOG, self.options.response_timeout)
 
-    def _on_inject_user_message(self, message: dict[str, Any]) -> None:
-        content = message.get("content")
-        if not isinstance(content, str) or not content:
-            self._error(
-                errors.INVALID_CLIENT_MESSAGE, "InjectUserMessage.content must be a non-empty string"
+    def _update_watchdog_fired(self) -> None:
+        if not self._in_flight_updates:
+            return
+        quiet = self._now() - self._update_sent_at
+        if quiet < self.options.response_timeout:
+            self._start_timer(UPDATE_WATCHDOG, self.options.response_timeout - quiet)
+            return
+        self._log("warn", "the upstream never answered {count} session.update(s)",
+                  count=len(self._in_flight_updates))
+        while self._in_flight_updates:
+            self._update_refused(self._in_flight_updates.popleft(), errors.UPSTREAM_TIMEOUT,
+                                 "the upstream did not answer in time")
+
+    def _update_answered(self) -> None:
+        if self._in_flight_updates:
+            self._update_sent_at = self._now()
+        else:
+            self._cancel_timer(UPDATE_WATCHDOG)
+
+    def _update_refused(self, update: _PendingUpdate, code: str, message: str) -> None:
+        self._update_answered()
+        if update.voice_only:
+            self._warning(
+                errors.VOICE_LOCKED if code == "cannot_update_voice" else code,
+                f"the voice was not changed: {message}",
             )
             return
+        if update.ack is Ack.SETTINGS_APPLIED and self.phase is Phase.CONFIGURING:
+            # The client may send a corrected Settings.
+            self.phase = Phase.AWAITING_SETTINGS
+            self._error(code, message)
+            return
+        self._warning(code, f"{update.ack.value if update.ack else 'the update'} was not applied: "
+                      f"{message}")
+        self._pump()
+
+    # conversation input -------------------------------------------------------------------------------
+
+    def _on_inject_user_message(self, message: client.InjectUserMessage) -> None:
         if self.phase is not Phase.READY:
             if len(self._held_injections) >= MAX_WAITING_REQUESTS:
                 self._error(errors.TOO_MANY_REQUESTS,
                             "too many messages are waiting for the session to be configured")
                 return
-            self._held_injections.append(content)
+            self._held_injections.append(message.content)
             return
-        self._inject_user_text(content)
+        self._inject_user_text(message.content)
 
     def _inject_user_text(self, content: str) -> None:
-        if self._response is not None or self._audio_item is not None:
+        # Messages that arrive together are answered by one response (SPEC §4).
+        pending = self._scheduler.pending_for("inject-user-message")
+        if not pending and (self._scheduler.state is ResponseState.ACTIVE
+                            or (self._replies is not None and self._replies.playing)):
             self._interrupt_reply(cancel=True)
         item_id = self._create_item(
             m.user_text_item(self._next_id("inject"), self._next_id("item"), content)
         )
         self._user_echo[item_id] = content
         self._turn_end = self._now()
-        self._response_queue.append(
-            _ResponseRequest("inject-user-message", after_items=frozenset({item_id}))
-        )
+        waiting = self._scheduler.has_waiting("inject-user-message")
+        if waiting is not None:
+            waiting.after_items = waiting.after_items | {item_id}
+        elif not pending:
+            self._scheduler.add(
+                ResponseRequest("inject-user-message", after_items=frozenset({item_id})))
         self._pump()
 
-    def _on_inject_agent_message(self, message: dict[str, Any]) -> None:
-        text = message.get("message")
-        if not isinstance(text, str) or not text:
-            self._error(
-                errors.INVALID_CLIENT_MESSAGE, "InjectAgentMessage.message must be a non-empty string"
-            )
-            return
-        behavior = message.get("behavior", "default")
-        if behavior not in ("default", "queue", "interrupt"):
-            self._error(
-                errors.INVALID_CLIENT_MESSAGE,
-                "InjectAgentMessage.behavior must be 'default', 'queue' or 'interrupt'",
-            )
-            return
+    def _on_inject_agent_message(self, message: client.InjectAgentMessage) -> None:
         if self.phase is not Phase.READY:
             self._client(m.injection_refused("the session is not configured yet"))
             return
-        busy = self._user_speaking or self.response_active or self._audio_item is not None
-        if behavior == "default" and busy:
+        playing = self._replies is not None and self._replies.playing
+        busy = self._user_speaking or self._scheduler.busy or playing
+        if message.behavior == "default" and busy:
             reason = "the user is speaking" if self._user_speaking else "the agent is replying"
             self._client(m.injection_refused(f"{reason}; the message was not spoken"))
             return
-        if len(self._response_queue) >= MAX_WAITING_REQUESTS:
+        if message.behavior == "interrupt" and busy:
+            self._interrupt_reply(cancel=True)
+        text = message.message
+
+        def refused(reason: str) -> None:
+            self._client(m.injection_refused(f"{reason}; the message was not spoken"))
+
+        request = ResponseRequest("inject-agent-message", instructions=verbatim_instructions(text),
+                                  on_refused=refused)
+        if not self._scheduler.add(request):
             self._client(m.injection_refused("too many messages are waiting to be spoken"))
             return
-        if behavior == "interrupt" and busy:
-            self._interrupt_reply(cancel=True)
         self._turn_end = self._now()
-        self._response_queue.append(
-            _ResponseRequest("inject-agent-message", instructions=verbatim_instructions(text))
-        )
         self._pump()
 
-    def _on_function_call_response(self, message: dict[str, Any]) -> None:
+    def _on_function_call_response(self, message: client.FunctionCallResponse) -> None:
         if not self._require_settings("FunctionCallResponse"):
             return
-        call_id = message.get("id")
-        content = message.get("content")
-        if not isinstance(call_id, str) or not call_id:
-            self._error(
-                errors.INVALID_CLIENT_MESSAGE,
-                "FunctionCallResponse.id must be the id of the FunctionCallRequest",
-            )
-            return
-        if not isinstance(content, str):
-            self._error(errors.INVALID_CLIENT_MESSAGE, "FunctionCallResponse.content must be a string")
-            return
-        round_ = self._waiting_round(call_id)
-        if round_ is None or call_id in round_.server_side:
+        round_ = self._calls.waiting_round(message.call_id)
+        if round_ is None or message.call_id in round_.server_side:
             self._error(
                 errors.UNKNOWN_FUNCTION_CALL,
-                f"no function call {call_id[:64]!r} is waiting for a response",
+                f"no function call {message.call_id[:64]!r} is waiting for a response",
             )
             return
-        self._function_output(round_, call_id, content)
+        self._function_output(round_, message.call_id, message.content)
 
     def function_result(self, call_id: str, content: str) -> list[Output]:
         """A server-side function's endpoint answered (or failed: ``content`` then says why)."""
-        round_ = self._waiting_round(call_id)
+        round_ = self._calls.waiting_round(call_id)
         if self.phase is Phase.CLOSED or round_ is None:
             return self._flush()
         self._client(m.function_call_response(call_id, round_.names[call_id], content))
         self._function_output(round_, call_id, content)
         return self._flush()
 
-    def _waiting_round(self, call_id: str) -> _CallRound | None:
-        round_id = self._call_to_round.get(call_id)
-        round_ = self._call_rounds.get(round_id) if round_id else None
-        if round_ is None or call_id in round_.outputs:
-            return None
-        return round_
-
-    def _function_output(self, round_: _CallRound, call_id: str, content: str) -> None:
+    def _function_output(self, round_: CallRound, call_id: str, content: str) -> None:
         round_.outputs[call_id] = content
         round_.output_items[call_id] = self._create_item(
             m.function_call_output_item(
@@ -794,73 +763,42 @@ class Session:
         self._maybe_follow_up(round_)
         self._pump()
 
-    def _on_keep_alive(self, message: dict[str, Any]) -> None:
+    def _on_keep_alive(self, message: client.KeepAlive) -> None:
         pass
 
-    _client_handlers: dict[str, Callable[[Session, dict[str, Any]], None]] = {
-        "Settings": _on_settings,
-        "UpdatePrompt": _on_update_prompt,
-        "UpdateSpeak": _on_update_speak,
-        "UpdateThink": _on_update_think,
-        "UpdateListen": _on_update_listen,
-        "InjectUserMessage": _on_inject_user_message,
-        "InjectAgentMessage": _on_inject_agent_message,
-        "FunctionCallResponse": _on_function_call_response,
-        "KeepAlive": _on_keep_alive,
+    _client_handlers: dict[type, Callable[[Session, Any], None]] = {
+        client.Settings: _on_settings,
+        client.UpdatePrompt: _on_update_prompt,
+        client.UpdateSpeak: _on_update_speak,
+        client.UpdateThink: _on_update_think,
+        client.UpdateListen: _on_update_listen,
+        client.InjectUserMessage: _on_inject_user_message,
+        client.InjectAgentMessage: _on_inject_agent_message,
+        client.FunctionCallResponse: _on_function_call_response,
+        client.KeepAlive: _on_keep_alive,
     }
 
     # -- scheduling -------------------------------------------------------------------------------
 
     def _pump(self) -> None:
         """Send what waits for "no active response": session updates first, then one response."""
-        if self.phase is not Phase.READY:
-            return
-        if self.response_active:
+        if self.phase is not Phase.READY or self._scheduler.busy:
             return
         while self._queued_updates:
             self._send_update(self._queued_updates.popleft())
-        if self._response_queue:
-            request = self._response_queue[0]
-            if request.after_items & self._awaiting_items:
-                return
-            self._response_queue.popleft()
-            self._response_requested = True
+        if self._scheduler.next_request() is not None:
             if self._turn_end is None:
                 self._turn_end = self._now()
             self._first_text_at = None
-            self._upstream(m.response_create(self._next_id("response"), request.instructions))
-            self._log("debug", "response requested ({reason})", reason=request.reason)
 
-    def _maybe_follow_up(self, round_: _CallRound) -> None:
-        if len(round_.outputs) < len(round_.call_ids):
+    def _maybe_follow_up(self, round_: CallRound) -> None:
+        if not self._calls.ready(round_):
             return
-        timer = f"{FUNCTION_FOLLOWUP_TIMER}:{round_.response_id}"
-        if not round_.response_ended:
-            if timer not in self._timers:
-                self._start_timer(timer, self.options.function_call_timeout)
-            return
-        self._cancel_timer(timer)
-        del self._call_rounds[round_.response_id]
-        for call_id in round_.call_ids:
-            self._call_to_round.pop(call_id, None)
         if self.plan is not None and self.plan.history_messages:
-            self._client(
-                m.history_function_calls(
-                    [
-                        {
-                            "id": call_id,
-                            "name": round_.names[call_id],
-                            "client_side": call_id not in round_.server_side,
-                            "arguments": round_.arguments[call_id],
-                            "response": round_.outputs[call_id],
-                        }
-                        for call_id in round_.call_ids
-                    ]
-                )
-            )
+            self._client(m.history_function_calls(self._calls.history(round_)))  # type: ignore[arg-type]
         self._turn_end = self._now()
-        self._response_queue.append(
-            _ResponseRequest(
+        self._scheduler.add(
+            ResponseRequest(
                 "function-call-outputs", after_items=frozenset(round_.output_items.values())
             )
         )
@@ -871,11 +809,11 @@ class Session:
         self._client(m.simple("SettingsApplied"))
         self._send_history(self.plan)
         if self.plan.greeting:
-            self._response_queue.append(
-                _ResponseRequest(
+            self._scheduler.add(
+                ResponseRequest(
                     "greeting",
                     instructions=verbatim_instructions(self.plan.greeting),
-                    after_items=frozenset(self._awaiting_items),
+                    after_items=frozenset(self._scheduler.awaiting_items),
                 )
             )
         if self._held_audio:
@@ -903,148 +841,113 @@ class Session:
     def _interrupt_reply(self, *, cancel: bool) -> None:
         """
         Stop the agent's current reply: no more of its audio reaches the client, and the upstream's
-        memory of the item is cut to what the client could have heard.
+        memory of it is cut to what the client could have heard (SPEC §6).
         """
-        if self._response is not None:
-            self._silenced_responses.append(self._response.response_id)
-            self._response.interrupted = True
-            if cancel:
-                self._upstream(m.response_cancel(self._next_id("cancel")))
-        item = self._audio_item or self._last_audio_item
-        if item is not None and self.plan is not None and item.delivered_bytes > 0:
-            delivered_ms = item.delivered_bytes / bytes_per_ms(self.plan.upstream_output_format)
-            if item is self._audio_item and self._output is not None:
-                # Audio still inside the resampler never reached the client.
-                delivered_ms = min(delivered_ms, self._output.emitted_ms)
-            played_ms = (self._now() - item.started_at) * 1000.0
-            end_ms = math.floor(min(delivered_ms, max(played_ms, 0.0)))
-            if (self._audio_item is not None or played_ms < delivered_ms) and end_ms > 0:
-                self._upstream(m.item_truncate(self._next_id("truncate"), item.item_id, end_ms))
-                self._log(
-                    "debug",
-                    "truncated {item_id} at {audio_end_ms} ms",
-                    item_id=item.item_id,
-                    audio_end_ms=end_ms,
-                )
-        if self._audio_item is not None and self._output is not None:
-            self._output.discard_reply()
-        self._audio_item = None
-        self._last_audio_item = None
+        if cancel:
+            event_id = self._scheduler.cancel()
+            if event_id is not None:
+                self._housekeeping.append(event_id)
+        if self._replies is not None:
+            self._housekeeping.extend(self._replies.barge_in(self._scheduler.active_id))
 
     # -- upstream input -----------------------------------------------------------------------------
 
     def upstream_event(self, event: dict[str, Any]) -> list[Output]:
-        """One JSON event from the upstream (already parsed)."""
+        """One JSON event from the upstream (already parsed from JSON)."""
         if self.phase is Phase.CLOSED:
             return self._flush()
-        event_type = event.get("type")
-        handler = self._upstream_handlers.get(event_type) if isinstance(event_type, str) else None
-        if handler is None:
-            self._log("debug", "upstream event {message_type} ignored", message_type=event_type)
-        else:
-            try:
-                handler(self, event)
-            except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as e:
-                # A malformed upstream event must not take the session down.
-                self._log(
-                    "warn",
-                    "malformed upstream event {message_type}: {problem}",
-                    message_type=event_type,
-                    problem=repr(e),
-                )
+        parsed = up.parse_upstream_event(event)
+        handler = self._upstream_handlers.get(type(parsed))
+        if handler is not None:
+            handler(self, parsed)
         return self._flush()
 
-    def _on_session_updated(self, event: dict[str, Any]) -> None:
+    def _on_malformed(self, event: up.Malformed) -> None:
+        self._log("warn", "malformed upstream event {message_type}: {problem}",
+                  message_type=event.event_type, problem=event.reason)
+
+    def _on_ignored(self, event: up.Ignored) -> None:
+        self._log("debug", "upstream event {message_type} ignored", message_type=event.event_type)
+
+    def _on_session_updated(self, event: up.SessionUpdated) -> None:
         if not self._in_flight_updates:
             return
         update = self._in_flight_updates.popleft()
+        self._update_answered()
         if update.voice_only:
             return
         self.plan = update.plan
-        if update.ack == "SettingsApplied" and self.phase is Phase.CONFIGURING:
+        if update.ack is Ack.SETTINGS_APPLIED and self.phase is Phase.CONFIGURING:
             self._become_ready()
             return
-        if update.ack:
-            self._client(m.simple(update.ack))
+        if update.ack is not None:
+            self._client(m.simple(update.ack.value))
         self._pump()
 
-    def _on_error(self, event: dict[str, Any]) -> None:
-        error = event.get("error") or {}
-        code = error.get("code") or error.get("type") or errors.UPSTREAM_ERROR
-        message = error.get("message") or "the upstream reported an error"
-        caused_by = error.get("event_id")
-        self._log(
-            "warn",
-            "upstream error {error_code}: {upstream_message}",
-            error_code=code,
-            upstream_message=message,
-            event_id=caused_by,
-        )
-        if code in errors.BENIGN_UPSTREAM_CODES:
-            if code == "conversation_already_has_active_response" and self._response_requested:
-                # Our response.create lost a race with a server-created response; it will be
-                # retried once that one ends.
-                self._response_requested = False
+    def _on_error(self, event: up.UpstreamError) -> None:
+        code, message, caused_by = event.code, event.message, event.caused_by
+        self._log("warn", "upstream error {error_code}: {upstream_message}", error_code=code,
+                  upstream_message=message, event_id=caused_by)
+        if code == "conversation_already_has_active_response":
+            if caused_by is None or self._scheduler.is_request_event(caused_by):
+                self._scheduler.request_lost()
             return
-        update = next((u for u in self._in_flight_updates if u.event_id == caused_by), None)
-        if update is not None:
-            self._in_flight_updates.remove(update)
-            if update.voice_only:
-                self._warning(
-                    errors.VOICE_LOCKED if code == "cannot_update_voice" else code,
-                    f"the voice was not changed: {message}",
-                )
-                return
-            if update.ack == "SettingsApplied" and self.phase is Phase.CONFIGURING:
-                # The client may send a corrected Settings.
-                self.phase = Phase.AWAITING_SETTINGS
-                self._error(code, message)
-                return
-            self._warning(code, f"{update.ack or 'the update'} was not applied: {message}")
+        if code == "response_cancel_not_active":
+            self._scheduler.not_active()
             self._pump()
             return
+        if code in errors.BENIGN_UPSTREAM_CODES:
+            return
+        if caused_by is not None and caused_by in self._housekeeping:
+            return  # an answer to the daemon's own truncate/cancel/delete: logged only
+        update = next((u for u in self._in_flight_updates if u.event_id == caused_by), None)
+        if update is None and caused_by is None and self.phase is Phase.CONFIGURING:
+            # Nothing else is outstanding before the session is configured.
+            update = self._in_flight_updates[0] if self._in_flight_updates else None
+        if update is not None:
+            self._in_flight_updates.remove(update)
+            self._update_refused(update, code, message)
+            return
         refused_item = self._item_events.pop(caused_by, None) if caused_by else None
-        if refused_item is not None and refused_item in self._awaiting_items:
-            # The item will never exist: nothing may wait for it.
-            self._awaiting_items.discard(refused_item)
+        if refused_item is not None and refused_item in self._scheduler.awaiting_items:
+            self._scheduler.item_refused(refused_item)
             self._user_echo.pop(refused_item, None)
-            self._response_queue = deque(
-                r for r in self._response_queue if refused_item not in r.after_items
-            )
-        if self._response_requested and caused_by and caused_by.startswith("response_"):
-            self._response_requested = False
+        if self._scheduler.is_request_event(caused_by):
+            self._scheduler.request_refused()
         self._error(code, message)
         self._pump()
 
-    def _on_speech_started(self, event: dict[str, Any]) -> None:
+    def _on_speech_started(self, event: up.SpeechStarted) -> None:
         self._user_speaking = True
         self._client(m.simple("UserStartedSpeaking"))
-        if self._audio_item is not None or self._last_audio_item is not None:
+        if self._replies is not None and (self._replies.items or self._replies.announced):
             # Server VAD cancels the response itself (interrupt_response is on).
             self._interrupt_reply(cancel=False)
 
-    def _on_speech_stopped(self, event: dict[str, Any]) -> None:
+    def _on_speech_stopped(self, event: up.SpeechStopped) -> None:
         self._user_speaking = False
         self._turn_end = self._now()
-        audio_end_ms = event.get("audio_end_ms") or 0
-        self._client(m.utterance_end(round(float(audio_end_ms) / 1000.0, 3)))
+        if event.audio_end_ms is None:
+            self._log("warn", "speech_stopped without a usable audio_end_ms")
+        self._client(m.utterance_end(round((event.audio_end_ms or 0) / 1000.0, 3)))
 
-    def _on_transcription_completed(self, event: dict[str, Any]) -> None:
-        transcript = event.get("transcript")
-        if isinstance(transcript, str) and transcript.strip():
-            self._conversation_text("user", transcript.strip())
+    def _on_transcription_completed(self, event: up.TranscriptionCompleted) -> None:
+        if event.transcript.strip():
+            self._conversation_text("user", event.transcript.strip())
+
+    def _on_transcription_failed(self, event: up.TranscriptionFailed) -> None:
+        self._warning(errors.TRANSCRIPTION_FAILED,
+                      f"the user's speech could not be transcribed ({event.code}): {event.message}")
 
     def _conversation_text(self, role: str, content: str) -> None:
         self._client(m.conversation_text(role, content))
         if self.plan is not None and self.plan.history_messages:
             self._client(m.history_text(role, content))
 
-    def _on_item_added(self, event: dict[str, Any]) -> None:
-        item = event["item"]
-        item_id = item.get("id")
-        if item_id not in self._awaiting_items:
+    def _on_item_added(self, event: up.ItemAdded) -> None:
+        item_id = event.item_id
+        if not self._scheduler.item_confirmed(item_id):
             return
-        self._awaiting_items.discard(item_id)
         for event_id in [e for e, i in self._item_events.items() if i == item_id]:
             del self._item_events[event_id]
         echo = self._user_echo.pop(item_id, None)
@@ -1052,160 +955,133 @@ class Session:
             self._conversation_text("user", echo)
         self._pump()
 
-    def _on_response_created(self, event: dict[str, Any]) -> None:
-        response_id = event["response"]["id"]
-        self._response_requested = False
-        self._response = _Response(response_id)
+    def _on_response_created(self, event: up.ResponseCreated) -> None:
+        self._scheduler.created(event.response_id)
         self._first_text_at = None
         if self._turn_end is None:
             self._turn_end = self._now()
 
-    def _on_response_done(self, event: dict[str, Any]) -> None:
-        response = event.get("response") or {}
-        response_id = response.get("id")
-        if self._audio_item is not None and self._audio_item.response_id == response_id:
-            self._finish_audio_item()
-        if self._response is not None and (
-            response_id is None or self._response.response_id == response_id
-        ):
-            self._response = None
-        elif self._response is None and self._response_requested:
-            # The response we asked for ended without our seeing it start.
-            self._response_requested = False
-        self._turn_end = None
-        if response_id and response_id not in self._silenced_responses:
-            self._silenced_responses.append(response_id)
-        round_ = self._call_rounds.get(response_id) if response_id else None
+    def _on_response_done(self, event: up.ResponseDone) -> None:
+        response_id = event.response_id
+        completed = {
+            item.call_id: (item.name, item.arguments)
+            for item in event.output
+            if item.item_type == "function_call" and item.call_id and item.status == "completed"
+        }
+        ended = self._scheduler.done(response_id)
+        self._response_ended(response_id)
+        round_ = self._calls.response_ended(response_id, completed, self._endpoint_of)
+        for item in event.output:
+            if item.item_type == "message" and item.role == "assistant" and item.text:
+                self._assistant_text(item.item_id, item.text)
+        self._report_status(event)
         if round_ is not None:
-            round_.response_ended = True
             self._maybe_follow_up(round_)
-        for item in response.get("output") or []:
-            self._emit_assistant_text_from_item(item)
-        self._pump()
+        if ended or not self._scheduler.busy:
+            self._pump()
+
+    def _report_status(self, event: up.ResponseDone) -> None:
+        """SPEC §5: a failed or incomplete response is reported; a cancelled one is not."""
+        if event.status == "failed":
+            code = event.error_code or errors.RESPONSE_FAILED
+            self._log("warn", "response {response_id} failed: {error_code}",
+                      response_id=event.response_id, error_code=code)
+            self._warning(code, event.error_message or "the agent's reply failed")
+        elif event.status == "incomplete":
+            reason = event.reason or "unknown"
+            self._warning(errors.RESPONSE_INCOMPLETE,
+                          f"the agent's reply was cut short by the upstream ({reason})")
+
+    def _response_ended(self, response_id: str) -> None:
+        self._turn_end = None
+        if self._replies is not None:
+            self._replies.response_ended(response_id)
+
+    def _endpoint_of(self, name: str) -> Endpoint | None:
+        # The tools the upstream knows are those of the applied plan.
+        plan = self.plan
+        function = next((f for f in plan.functions if f.name == name), None) if plan else None
+        return function.endpoint if function is not None else None
 
     def _first_agent_text(self) -> None:
         if self._first_text_at is None:
             self._first_text_at = self._now()
 
-    def _on_output_audio_delta(self, event: dict[str, Any]) -> None:
-        response_id = event["response_id"]
-        item_id = event["item_id"]
-        if response_id in self._silenced_responses:
-            return
-        assert self.plan is not None and self._output is not None
-        data = base64.b64decode(event["delta"], validate=True)
-        if not data:
-            return
-        if self._audio_item is None or self._audio_item.item_id != item_id:
-            if self._audio_item is not None:
-                self._finish_audio_item()
-            now = self._now()
-            self._audio_item = _AudioItem(item_id, response_id, started_at=now)
-            self._agent_spoke = True
-            turn_end = self._turn_end if self._turn_end is not None else now
-            first_text = self._first_text_at if self._first_text_at is not None else now
-            ttt = max(0.0, first_text - turn_end)
-            total = max(0.0, now - turn_end)
-            self._client(m.agent_started_speaking(total, max(0.0, total - ttt), ttt))
-            header = self._output.reply_header()
-            if header:
-                self._out.append(SendClientAudio(header))
-        self._audio_item.delivered_bytes += len(data)
-        converted = self._output.feed(data)
-        if converted:
-            self._out.append(SendClientAudio(converted))
+    def _on_output_item_added(self, event: up.OutputItemAdded) -> None:
+        self._scheduler.activity()
+        if self._replies is not None and event.item.item_type == "message":
+            self._replies.announce(event.response_id, event.item.item_id)
 
-    def _finish_audio_item(self) -> None:
-        item = self._audio_item
-        if item is None or self._output is None:
+    def _on_output_audio_delta(self, event: up.AudioDelta) -> None:
+        scheduler = self._scheduler
+        if scheduler.active_id is None and scheduler.state in (ResponseState.IDLE,
+                                                              ResponseState.REQUESTED):
+            scheduler.created(event.response_id)  # its response.created went missing
+        elif scheduler.active_id != event.response_id:
             return
-        tail = self._output.end_reply()
-        if tail:
-            self._out.append(SendClientAudio(tail))
-        item.done = True
-        self._last_audio_item = item
-        self._audio_item = None
-        self._client(m.simple("AgentAudioDone"))
+        scheduler.activity()
+        if self._replies is not None:
+            self._replies.deliver(event.response_id, event.item_id, event.data, self._started_speaking)
 
-    def _on_output_audio_done(self, event: dict[str, Any]) -> None:
-        if self._audio_item is not None and self._audio_item.item_id == event.get("item_id"):
-            self._finish_audio_item()
+    def _started_speaking(self) -> None:
+        now = self._now()
+        turn_end = self._turn_end if self._turn_end is not None else now
+        first_text = self._first_text_at if self._first_text_at is not None else now
+        ttt = max(0.0, first_text - turn_end)
+        total = max(0.0, now - turn_end)
+        self._client(m.agent_started_speaking(total, max(0.0, total - ttt), ttt))
 
-    def _on_text_delta(self, event: dict[str, Any]) -> None:
+    def _on_output_audio_done(self, event: up.AudioDone) -> None:
+        self._scheduler.activity()
+        if self._replies is not None:
+            self._replies.finish_item(event.item_id)
+
+    def _on_text_delta(self, event: up.TextDelta) -> None:
+        self._scheduler.activity()
         self._first_agent_text()
 
-    def _on_transcript_done(self, event: dict[str, Any]) -> None:
+    def _on_text_done(self, event: up.TextDone) -> None:
+        self._scheduler.activity()
         self._first_agent_text()
-        text = event.get("transcript")
-        if text is None:
-            text = event.get("text")
-        self._assistant_text(event["item_id"], text)
+        self._assistant_text(event.item_id, event.text)
 
-    def _assistant_text(self, item_id: str, text: Any) -> None:
-        if item_id in self._texted_items or not isinstance(text, str) or not text.strip():
+    def _assistant_text(self, item_id: str, text: str) -> None:
+        if item_id in self._texted_items or not text.strip():
             return
         self._texted_items.add(item_id)
         self._conversation_text("assistant", text.strip())
 
-    def _emit_assistant_text_from_item(self, item: Any) -> None:
-        if not isinstance(item, dict) or item.get("type") != "message":
-            return
-        if item.get("role") != "assistant":
-            return
-        for part in item.get("content") or []:
-            if isinstance(part, dict):
-                text = part.get("transcript") or part.get("text")
-                if text:
-                    self._assistant_text(item["id"], text)
-                    return
+    def _on_output_item_done(self, event: up.OutputItemDone) -> None:
+        self._scheduler.activity()
+        item = event.item
+        if item.item_type == "message" and item.role == "assistant" and item.text:
+            self._assistant_text(item.item_id, item.text)
+        elif item.item_type == "function_call":
+            self._calls.item_done(item.call_id, item.status, item.name, item.arguments,
+                                  self._endpoint_of)
 
-    def _on_output_item_done(self, event: dict[str, Any]) -> None:
-        self._emit_assistant_text_from_item(event.get("item"))
-
-    def _on_function_arguments_done(self, event: dict[str, Any]) -> None:
-        call_id = event["call_id"]
-        name = event["name"]
-        arguments = event.get("arguments") or "{}"
-        response_id = event["response_id"]
-        if call_id in self._requested_calls:
-            return
-        self._requested_calls.add(call_id)
+    def _on_function_arguments_done(self, event: up.FunctionArgumentsDone) -> None:
+        self._scheduler.activity()
         self._first_agent_text()
-        round_ = self._call_rounds.get(response_id)
-        if round_ is None:
-            round_ = self._call_rounds[response_id] = _CallRound(response_id, [], {}, {})
-        round_.call_ids.append(call_id)
-        round_.names[call_id] = name
-        round_.arguments[call_id] = arguments
-        self._call_to_round[call_id] = response_id
-        # The tools the upstream knows are those of the applied plan.
-        plan = self.plan
-        function = next((f for f in plan.functions if f.name == name), None) if plan else None
-        if function is not None and function.endpoint is not None:
-            round_.server_side.add(call_id)
-            self._client(m.function_call_request(call_id, name, arguments, client_side=False))
-            self._out.append(CallFunction(call_id, name, arguments, function.endpoint))
-        else:
-            self._client(m.function_call_request(call_id, name, arguments))
+        self._calls.arguments_done(event.response_id, event.call_id, event.name, event.arguments)
 
-    _upstream_handlers: dict[str, Callable[[Session, dict[str, Any]], None]] = {
-        "session.updated": _on_session_updated,
-        "error": _on_error,
-        "input_audio_buffer.speech_started": _on_speech_started,
-        "input_audio_buffer.speech_stopped": _on_speech_stopped,
-        "conversation.item.input_audio_transcription.completed": _on_transcription_completed,
-        "conversation.item.added": _on_item_added,
-        "conversation.item.done": _on_item_added,
-        # The beta-era name, still in the SDK's union: accepted as a confirmation too.
-        "conversation.item.created": _on_item_added,
-        "response.created": _on_response_created,
-        "response.done": _on_response_done,
-        "response.output_audio.delta": _on_output_audio_delta,
-        "response.output_audio.done": _on_output_audio_done,
-        "response.output_audio_transcript.delta": _on_text_delta,
-        "response.output_text.delta": _on_text_delta,
-        "response.output_audio_transcript.done": _on_transcript_done,
-        "response.output_text.done": _on_transcript_done,
-        "response.output_item.done": _on_output_item_done,
-        "response.function_call_arguments.done": _on_function_arguments_done,
+    _upstream_handlers: dict[type, Callable[[Session, Any], None]] = {
+        up.Malformed: _on_malformed,
+        up.Ignored: _on_ignored,
+        up.SessionUpdated: _on_session_updated,
+        up.UpstreamError: _on_error,
+        up.SpeechStarted: _on_speech_started,
+        up.SpeechStopped: _on_speech_stopped,
+        up.TranscriptionCompleted: _on_transcription_completed,
+        up.TranscriptionFailed: _on_transcription_failed,
+        up.ItemAdded: _on_item_added,
+        up.ResponseCreated: _on_response_created,
+        up.ResponseDone: _on_response_done,
+        up.OutputItemAdded: _on_output_item_added,
+        up.OutputItemDone: _on_output_item_done,
+        up.AudioDelta: _on_output_audio_delta,
+        up.AudioDone: _on_output_audio_done,
+        up.TextDelta: _on_text_delta,
+        up.TextDone: _on_text_done,
+        up.FunctionArgumentsDone: _on_function_arguments_done,
     }

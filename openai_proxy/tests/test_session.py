@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from openai_proxy import errors
 from openai_proxy import session as s
+from openai_proxy.replies import TRUNCATE_MARGIN_MS
 from openai_proxy.simulator.validation import validate_client_event
 
 FORBIDDEN_SESSION_KEYS = {"voice", "turn_detection", "temperature", "modalities",
@@ -88,7 +89,7 @@ class Harness:
         event = {"type": event_type, "event_id": f"event_{uuid.uuid4().hex[:8]}", **fields}
         return self.feed(self.session.upstream_event(event))
 
-    def timer(self, name: str) -> list[s.Output]:
+    def timer(self, name: object) -> list[s.Output]:
         return self.feed(self.session.timer_fired(name))
 
     # views ------------------------------------------------------------------------------------
@@ -321,8 +322,8 @@ class InjectUserMessageTests(SynchronousTestCase):
         h = Harness()
         h.configure()
         h.start_response("resp_1")
-        h.audio("resp_1", "item_a", 4800)  # 100 ms delivered
-        h.time += 0.05
+        h.audio("resp_1", "item_a", 4800 * 3)  # 300 ms delivered
+        h.time += 0.25
         out = h.text({"type": "InjectUserMessage", "content": "stop"})
         types = h.upstream_types(out)
         self.assertEqual(types[:3], ["response.cancel", "conversation.item.truncate",
@@ -330,7 +331,7 @@ class InjectUserMessageTests(SynchronousTestCase):
         truncate = h.upstream(out)[1]
         self.assertEqual(truncate["item_id"], "item_a")
         self.assertIsInstance(truncate["audio_end_ms"], int)
-        self.assertLessEqual(truncate["audio_end_ms"], 100)
+        self.assertEqual(truncate["audio_end_ms"], min(250, 300 - TRUNCATE_MARGIN_MS))
         # No response.create until the cancelled response is done.
         item_id = h.upstream(out)[2]["item"]["id"]
         out = h.confirm_item(item_id)
@@ -399,12 +400,15 @@ class AgentOutputTests(SynchronousTestCase):
 
 class FunctionCallTests(SynchronousTestCase):
     def _call(self, h: Harness, call_id: str = "call_1", response_id: str = "resp_1") -> None:
-        h.up("response.function_call_arguments.done", response_id=response_id, item_id="fc_1",
-             output_index=0, call_id=call_id, name="get_weather", arguments='{"city":"Paris"}')
+        out = h.up("response.function_call_arguments.done", response_id=response_id,
+                   item_id="fc_1", output_index=0, call_id=call_id, name="get_weather",
+                   arguments='{"city":"Paris"}')
+        # Requested once its item completed (SPEC §5), not while it may still be cut off.
+        self.assertEqual(h.client_types(out), [])
         out = h.up("response.output_item.done", response_id=response_id, output_index=0, item={
             "id": "fc_1", "type": "function_call", "call_id": call_id, "name": "get_weather",
-            "arguments": '{"city":"Paris"}'})
-        self.assertEqual(h.client_types(out), [])
+            "arguments": '{"city":"Paris"}', "status": "completed"})
+        self.assertEqual(h.client_types(out), ["FunctionCallRequest"])
 
     def test_round_trip_waits_for_response_end_and_item_confirmation(self) -> None:
         h = Harness()
@@ -451,9 +455,10 @@ class FunctionCallTests(SynchronousTestCase):
         out = h.text({"type": "FunctionCallResponse", "id": "call_1", "name": "get_weather",
                       "content": "x"})
         timers = [o for o in out if isinstance(o, s.StartTimer)]
-        self.assertEqual(timers, [s.StartTimer("function-followup:resp_1", 7.0)])
+        self.assertEqual(timers, [s.StartTimer(s.TimerKey(s.TimerKind.FUNCTION_FOLLOWUP, "resp_1"),
+                                               7.0)])
         h.confirm_item(h.upstream(out)[0]["item"]["id"])
-        out = h.timer("function-followup:resp_1")
+        out = h.timer(s.TimerKey(s.TimerKind.FUNCTION_FOLLOWUP, "resp_1"))
         self.assertEqual(h.upstream_types(out), ["response.create"])
         self.assertTrue(any(isinstance(o, s.Log) and o.level == "warn" for o in out))
 
@@ -601,7 +606,8 @@ class AudioTests(SynchronousTestCase):
         [truncate] = h.upstream(out)
         self.assertEqual(truncate, {"type": "conversation.item.truncate",
                                     "event_id": truncate["event_id"], "item_id": "item_a",
-                                    "content_index": 0, "audio_end_ms": 300})
+                                    "content_index": 0,
+                                    "audio_end_ms": 300 - TRUNCATE_MARGIN_MS})
         out = h.audio("resp_1", "item_a", 4800)
         self.assertEqual(len([o for o in out if isinstance(o, s.SendClientAudio)]), 0)
 
@@ -628,9 +634,12 @@ class LifecycleTests(SynchronousTestCase):
         h.start_response("resp_1")
         h.up("response.function_call_arguments.done", response_id="resp_1", item_id="f",
              output_index=0, call_id="c1", name="get_weather", arguments="{}")
+        h.up("response.output_item.done", response_id="resp_1", output_index=0, item={
+            "id": "f", "type": "function_call", "call_id": "c1", "name": "get_weather",
+            "arguments": "{}", "status": "completed"})
         h.text({"type": "FunctionCallResponse", "id": "c1", "name": "get_weather", "content": "x"})
         out = h.feed(h.session.client_closed())
-        self.assertIn(s.CancelTimer("function-followup:resp_1"), out)
+        self.assertIn(s.CancelTimer(s.TimerKey(s.TimerKind.FUNCTION_FOLLOWUP, "resp_1")), out)
         self.assertIn(s.CloseUpstream(), out)
         self.assertEqual(h.text({"type": "KeepAlive"}), [])
 
@@ -791,8 +800,8 @@ class InjectAgentMessageTests(SynchronousTestCase):
         h = Harness()
         h.configure()
         h.start_response("resp_1")
-        h.audio("resp_1", "item_a", 960)
-        h.time += 0.01
+        h.audio("resp_1", "item_a", 48 * 400)
+        h.time += 0.3
         out = h.text({"type": "InjectAgentMessage", "message": "Stop.", "behavior": "interrupt"})
         self.assertEqual(h.upstream_types(out)[:2], ["response.cancel", "conversation.item.truncate"])
         out = h.up("response.done", response={"id": "resp_1", "status": "cancelled", "output": []})
@@ -832,8 +841,11 @@ class ServerSideFunctionTests(SynchronousTestCase):
         [update] = [e for e in h.upstream(out) if e["type"] == "session.update"]
         self.assertNotIn("endpoint", json.dumps(update))
         h.start_response("resp_1")
-        out = h.up("response.function_call_arguments.done", response_id="resp_1", item_id="fc",
-                   output_index=0, call_id="call_9", name="get_weather", arguments='{"city":"Oslo"}')
+        h.up("response.function_call_arguments.done", response_id="resp_1", item_id="fc",
+             output_index=0, call_id="call_9", name="get_weather", arguments='{"city":"Oslo"}')
+        out = h.up("response.output_item.done", response_id="resp_1", output_index=0, item={
+            "id": "fc", "type": "function_call", "call_id": "call_9", "name": "get_weather",
+            "arguments": '{"city":"Oslo"}', "status": "completed"})
         [request] = h.client(out)
         self.assertFalse(request["functions"][0]["client_side"])
         [call] = [o for o in out if isinstance(o, s.CallFunction)]

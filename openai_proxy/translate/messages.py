@@ -161,3 +161,7 @@ def item_truncate(event_id: str, item_id: str, audio_end_ms: int) -> dict[str, A
         "content_index": 0,
         "audio_end_ms": int(audio_end_ms),
     }
+
+
+def item_delete(event_id: str, item_id: str) -> dict[str, Any]:
+    return {"type": "conversation.item.delete", "event_id": event_id, "item_id": item_id}

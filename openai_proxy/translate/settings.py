@@ -477,3 +477,83 @@ def verbatim_instructions(text: str) -> str:
         "Say exactly the following text, word for word, and nothing else. "
         f'Do not answer it or add anything before or after it: "{text}"'
     )
+
+
+# -- fields the daemon does not know ---------------------------------------------------------------
+
+_ANY = None  # a subtree whose fields are not checked (provider-specific, free-form)
+_FUNCTION: dict[str, Any] = {
+    "name": _ANY, "description": _ANY, "parameters": _ANY, "endpoint": _ANY,
+    "defer_until_eot": _ANY, "initial_agent_filler": _ANY, "agent_filler_max_count": _ANY,
+    "agent_filler_interval_ms": _ANY,
+}
+_THINK: dict[str, Any] = {
+    "provider": _ANY, "endpoint": _ANY, "functions": [_FUNCTION], "prompt": _ANY,
+    "context_length": _ANY,
+}
+_SPEAK: dict[str, Any] = {"provider": _ANY, "endpoint": _ANY}
+#: The Deepgram Voice Agent v1 ``Settings`` field tree (the API's spec and the SDKs' models).
+SETTINGS_FIELDS: dict[str, Any] = {
+    "type": _ANY, "tags": _ANY, "experimental": _ANY, "mip_opt_out": _ANY,
+    "flags": {"history": _ANY},
+    "audio": {
+        "input": {"encoding": _ANY, "sample_rate": _ANY},
+        "output": {"encoding": _ANY, "sample_rate": _ANY, "bitrate": _ANY, "container": _ANY},
+    },
+    "agent": {
+        "language": _ANY, "context": {"messages": _ANY}, "listen": {"provider": _ANY},
+        "think": (_THINK, [_THINK]), "think_live": _ANY, "speak": (_SPEAK, [_SPEAK]),
+        "greeting": _ANY,
+    },
+}
+#: Where a misplaced or early-access field belongs in v1.
+_HINTS = {
+    "greeting": "agent.greeting",
+    "agent.mip_opt_out": "mip_opt_out",
+    "agent.think.instructions": "agent.think.prompt",
+    "agent.think.model": "agent.think.provider.model",
+    "agent.listen.model": "agent.listen.provider.model",
+    "agent.speak.model": "agent.speak.provider.model",
+    "agent.prompt": "agent.think.prompt",
+    "agent.functions": "agent.think.functions",
+    "context": "agent.context.messages",
+}
+#: At most this many ignored fields are reported for one message.
+MAX_IGNORED_REPORTED = 16
+
+
+def _unknown_fields(value: object, shape: Any, path: str, found: list[str]) -> None:
+    if shape is _ANY or len(found) > MAX_IGNORED_REPORTED:
+        return
+    if isinstance(shape, tuple):  # an object or a list of them
+        _unknown_fields(value, shape[1] if isinstance(value, list) else shape[0], path, found)
+        return
+    if isinstance(shape, list):
+        if isinstance(value, list):
+            for index, element in enumerate(value):
+                _unknown_fields(element, shape[0], f"{path}[{index}]", found)
+        return
+    if not isinstance(value, dict):
+        return
+    for key, child in value.items():
+        child_path = f"{path}.{key}" if path else str(key)
+        if key in shape:
+            _unknown_fields(child, shape[key], child_path, found)
+        else:
+            found.append(child_path)
+
+
+def ignored_settings_fields(message: Mapping[str, Any]) -> list[str]:
+    """
+    The paths of the fields of a ``Settings`` message that are not Deepgram v1 settings (misplaced,
+    misspelled, early-access names), each with where it belongs when that is known; at most
+    :data:`MAX_IGNORED_REPORTED`.  Source: the v1 ``Settings`` schema (SPEC §4).
+    """
+    found: list[str] = []
+    _unknown_fields(dict(message), SETTINGS_FIELDS, "", found)
+    return found[:MAX_IGNORED_REPORTED]
+
+
+def ignored_field_hint(path: str) -> str | None:
+    """Where ``path`` belongs in Deepgram v1, when it is a known misplacement."""
+    return _HINTS.get(re.sub(r"\[\d+\]", "", path))

@@ -1,0 +1,187 @@
+"""
+What the session core asks its caller to do (the *outputs*), and the emitter every part of the core
+writes them through.
+
+Outputs are frozen values carried out in order by the caller (:mod:`openai_proxy.relay` on the network,
+the tests in memory): frames for the client, events for the upstream, timers to start or cancel, closes
+and structured log records.  Timers are named by :class:`TimerKey` values, never by strings.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from openai_proxy.endpoint import Endpoint
+from openai_proxy.translate import messages as m
+
+
+@dataclass(frozen=True)
+class SendClient:
+    """A JSON text frame for the client."""
+
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SendClientAudio:
+    """A binary frame of agent audio for the client."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ConnectUpstream:
+    """Open the upstream WebSocket for ``model``."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class SendUpstream:
+    """A GA client event for the upstream (the caller holds it until the upstream is open)."""
+
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CallFunction:
+    """Call a server-side function's endpoint; answer with ``Session.function_result``."""
+
+    call_id: str
+    name: str
+    arguments: str
+    endpoint: Endpoint
+
+
+class TimerKind(enum.Enum):
+    """What a session timer is for."""
+
+    #: A partial batch of input audio waits for more (``APPEND_FLUSH_SECONDS``).
+    APPEND_FLUSH = "append-flush"
+    #: A function-call round waits for its response to end (``function_call_timeout``).
+    FUNCTION_FOLLOWUP = "function-followup"
+    #: A requested, active or cancelled response waits for the upstream (``response_timeout``).
+    RESPONSE_WATCHDOG = "response-watchdog"
+    #: A ``session.update`` waits for its answer (``response_timeout``).
+    UPDATE_WATCHDOG = "update-watchdog"
+
+
+@dataclass(frozen=True)
+class TimerKey:
+    """A timer's name: its kind and, for per-round timers, the key of what it watches."""
+
+    kind: TimerKind
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class StartTimer:
+    """Start (or restart) the timer ``name``; when it fires, call ``Session.timer_fired(name)``."""
+
+    name: Hashable
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    name: Hashable
+
+
+@dataclass(frozen=True)
+class CloseClient:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class CloseUpstream:
+    pass
+
+
+@dataclass(frozen=True)
+class Log:
+    """A structured log record: ``level`` is debug|info|warn|error; ``fields`` go to the record."""
+
+    level: str
+    format: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Output = (
+    SendClient
+    | SendClientAudio
+    | ConnectUpstream
+    | SendUpstream
+    | CallFunction
+    | StartTimer
+    | CancelTimer
+    | CloseClient
+    | CloseUpstream
+    | Log
+)
+
+
+class Emitter:
+    """
+    Collects one input's outputs in order; the parts of the session core write only through it.
+
+    It also owns the session's event ids (``<prefix>_<request id prefix>_<n>``) and the set of running
+    timers.
+    """
+
+    def __init__(self, request_id: str) -> None:
+        self._request_id = request_id
+        self._out: list[Output] = []
+        self._seq = 0
+        self.timers: set[Hashable] = set()
+
+    def flush(self) -> list[Output]:
+        out, self._out = self._out, []
+        return out
+
+    def next_id(self, prefix: str) -> str:
+        self._seq += 1
+        return f"{prefix}_{self._request_id[:8]}_{self._seq}"
+
+    def emit(self, output: Output) -> None:
+        self._out.append(output)
+
+    def client(self, message: dict[str, Any]) -> None:
+        self._out.append(SendClient(message))
+
+    def audio(self, data: bytes) -> None:
+        self._out.append(SendClientAudio(data))
+
+    def upstream(self, event: dict[str, Any]) -> None:
+        self._out.append(SendUpstream(event))
+
+    def log(self, level: str, fmt: str, **fields: Any) -> None:
+        self._out.append(Log(level, fmt, fields))
+
+    def error(self, code: str, description: str) -> None:
+        """An ``Error`` for the client (SPEC §7), logged at info."""
+        self.client(m.error(code, description))
+        self.log("info", "client error {error_code}: {description}", error_code=code,
+                 description=description)
+
+    def warning(self, code: str, description: str) -> None:
+        """A ``Warning`` for the client (SPEC §7), logged at info."""
+        self.client(m.warning(code, description))
+        self.log("info", "client warning {error_code}: {description}", error_code=code,
+                 description=description)
+
+    def start_timer(self, name: Hashable, seconds: float) -> None:
+        self.timers.add(name)
+        self._out.append(StartTimer(name, seconds))
+
+    def cancel_timer(self, name: Hashable) -> None:
+        if name in self.timers:
+            self.timers.discard(name)
+            self._out.append(CancelTimer(name))
+
+    def cancel_all_timers(self) -> None:
+        for name in sorted(self.timers, key=repr):
+            self.cancel_timer(name)
