@@ -154,7 +154,8 @@ class Replies:
                 before += item.delivered_ms
                 continue  # heard in full
             heard_item_seen = True
-            end_ms = math.floor(min(item.delivered_ms - TRUNCATE_MARGIN_MS, heard_ms - before))
+            # (1e-6: a whole millisecond computed from float seconds must not lose one.)
+            end_ms = math.floor(min(item.delivered_ms - TRUNCATE_MARGIN_MS, heard_ms - before) + 1e-6)
             if end_ms > 0:
                 event_id = self._emit.next_id("truncate")
                 self._emit.upstream(m.item_truncate(event_id, item.item_id, end_ms))

@@ -141,10 +141,10 @@ class Scheduler:
     # -- inputs -------------------------------------------------------------------------------------
 
     def created(self, response_id: str) -> None:
+        # The request in flight is kept until its response ends: response.created does not say whose
+        # it is, and an error may still tell that ours lost the race to server VAD's.
         if self._fire(Trigger.CREATED):
             self.active_id = response_id
-            if self._in_flight is not None and not self._in_flight.retried:
-                self._in_flight = None  # ours started (or one answering the same state)
 
     def done(self, response_id: str) -> bool:
         """``response.done``: ``True`` when it ended the tracked response."""
