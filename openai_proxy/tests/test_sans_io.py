@@ -1,0 +1,116 @@
+"""
+The session core is sans-IO: it imports with Twisted and Autobahn unimportable, and every upstream
+failure is an input whose mapping to a client Error is decided (and tested) here, in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from openai_proxy import errors
+from openai_proxy import session as s
+from openai_proxy.tests.test_session import Harness
+from openai_proxy.tests.test_session import settings as _settings
+
+_BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("twisted", "autobahn", "txaio", "treq"):
+                raise ImportError(f"{name} is blocked: the session core must not import it")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    import openai_proxy.session, openai_proxy.scheduling, openai_proxy.replies
+    import openai_proxy.function_calls, openai_proxy.outputs, openai_proxy.endpoint
+    import openai_proxy.translate.client, openai_proxy.translate.upstream
+    import openai_proxy.translate.settings
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("twisted", "autobahn", "txaio"))
+    assert not loaded, loaded
+    session = openai_proxy.session.Session(openai_proxy.session.SessionOptions(
+        default_model="gpt-realtime", model_allowed=lambda m: True, default_voice="marin",
+        transcription_model="gpt-4o-mini-transcribe"), now=lambda: 0.0)
+    print(session.start()[0].message["type"])
+    """
+)
+
+
+class SansIOTests(SynchronousTestCase):
+    def run_blocked(self, code: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, timeout=60, check=False)
+
+    def test_session_core_imports_without_twisted(self) -> None:
+        result = self.run_blocked(_BLOCKER)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "Welcome")
+
+    def test_the_blocker_blocks(self) -> None:
+        # The same check fails for a module that does import Twisted.
+        code = _BLOCKER.replace("import openai_proxy.session,", "import openai_proxy.relay,")
+        result = self.run_blocked(code)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("blocked", result.stderr)
+
+
+class UpstreamClosureTests(SynchronousTestCase):
+    """SPEC §7: what the client is told when the upstream goes away, decided by the session."""
+
+    CASES = [
+        (s.UpstreamClosure(was_open=True, close_code=1011), errors.UPSTREAM_CLOSED, "1011"),
+        (s.UpstreamClosure(was_open=True), errors.UPSTREAM_CLOSED, "closed the session"),
+        (s.UpstreamClosure(was_open=False, tls_failed=True), errors.UPSTREAM_TLS_FAILED, "TLS"),
+        (s.UpstreamClosure(was_open=False, http_status=401), errors.UPSTREAM_AUTH_FAILED, "401"),
+        (s.UpstreamClosure(was_open=False, http_status=403), errors.UPSTREAM_AUTH_FAILED, "403"),
+        (s.UpstreamClosure(was_open=False, http_status=429), errors.UPSTREAM_RATE_LIMITED, "429"),
+        (s.UpstreamClosure(was_open=False, http_status=503), errors.UPSTREAM_UNAVAILABLE, "503"),
+        (s.UpstreamClosure(was_open=False), errors.UPSTREAM_UNAVAILABLE, "before"),
+        # TLS failure wins over whatever status the aborted handshake left behind.
+        (s.UpstreamClosure(was_open=False, http_status=401, tls_failed=True),
+         errors.UPSTREAM_TLS_FAILED, "TLS"),
+    ]
+
+    def test_each_closure(self) -> None:
+        for closure, code, words in self.CASES:
+            h = Harness()
+            h.configure()
+            out = h.feed(h.session.upstream_closed(closure))
+            [error] = h.client(out)
+            self.assertEqual(error["code"], code, closure)
+            self.assertIn(words, error["description"])
+            [close] = [o for o in out if isinstance(o, s.CloseClient)]
+            self.assertEqual(close.code, 1011)
+            # Nothing more happens once the session is closed.
+            self.assertEqual(h.feed(h.session.upstream_closed(closure)), [])
+
+    def test_unreachable_and_timed_out(self) -> None:
+        for report, code in [(s.Session.upstream_unreachable, errors.UPSTREAM_UNAVAILABLE),
+                             (s.Session.upstream_timed_out, errors.UPSTREAM_TIMEOUT)]:
+            h = Harness()
+            h.text({"type": "KeepAlive"})
+            out = h.feed(report(h.session))
+            self.assertEqual(h.client(out)[0]["code"], code)
+
+    def test_closure_releases_timers(self) -> None:
+        h = Harness()
+        h.text({"type": "Settings", **{k: v for k, v in _settings().items() if k != "type"}})
+        out = h.feed(h.session.upstream_closed(s.UpstreamClosure(was_open=True, close_code=1006)))
+        self.assertIn(s.CancelTimer(s.TimerKey(s.TimerKind.UPDATE_WATCHDOG)), out)
+        self.assertTrue(all(not isinstance(o, s.StartTimer) for o in out))
+
+    def test_draining(self) -> None:
+        h = Harness()
+        h.configure()
+        out = h.feed(h.session.draining())
+        self.assertEqual(h.client(out)[0]["code"], errors.SHUTTING_DOWN)
+        self.assertIn(s.CloseClient(1001, "server shutting down"), out)
