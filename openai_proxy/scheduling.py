@@ -102,6 +102,9 @@ class Scheduler:
         self.state = ResponseState.IDLE
         #: The id of the response in progress (``None`` while unknown).
         self.active_id: str | None = None
+        #: Every response seen to start and not yet end, oldest first (the API runs one at a time in
+        #: a conversation; should two overlap, the state stays ACTIVE until both ended).
+        self._open: list[str] = []
         self.waiting: deque[ResponseRequest] = deque()
         self.awaiting_items: set[str] = set()
         self._in_flight: ResponseRequest | None = None
@@ -121,6 +124,7 @@ class Scheduler:
         self._last_activity = self._now()
         if new is ResponseState.IDLE:
             self.active_id = None
+            self._open = []
             self._emit.cancel_timer(WATCHDOG)
         elif WATCHDOG not in self._emit.timers:
             self._emit.start_timer(WATCHDOG, self.timeout)
@@ -145,10 +149,16 @@ class Scheduler:
         # it is, and an error may still tell that ours lost the race to server VAD's.
         if self._fire(Trigger.CREATED):
             self.active_id = response_id
+            if response_id not in self._open:
+                self._open.append(response_id)
 
     def done(self, response_id: str) -> bool:
         """``response.done``: ``True`` when it ended the tracked response."""
         if self.state is ResponseState.IDLE:
+            return False
+        if response_id in self._open and len(self._open) > 1:
+            self._open.remove(response_id)
+            self.active_id = self._open[-1]
             return False
         if self.active_id is not None and response_id != self.active_id:
             self._emit.log("debug", "response.done for untracked response {response_id}",

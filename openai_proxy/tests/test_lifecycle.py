@@ -611,3 +611,17 @@ class StrictClientJsonTests(SynchronousTestCase):
         strict_json(out)
         [update] = h.upstream(out)
         self.assertEqual(update["type"], "session.update")
+
+
+class OverlappingResponsesTests(SynchronousTestCase):
+    """Found by the property tests: two responses seen to start before either ended."""
+
+    def test_no_request_until_both_ended(self) -> None:
+        h = ready()
+        self.assertEqual(len(response_creates(h.text({"type": "InjectAgentMessage",
+                                                      "message": "One."}))), 1)
+        h.text({"type": "InjectAgentMessage", "message": "Two.", "behavior": "queue"})
+        h.start_response("resp_1")
+        h.start_response("resp_2")
+        self.assertEqual(response_creates(done(h, "resp_2")), [])
+        self.assertEqual(len(response_creates(done(h, "resp_1"))), 1)
