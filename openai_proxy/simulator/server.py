@@ -67,7 +67,7 @@ from twisted.logger import Logger
 
 from ..wsclose import cancel_close_handshake_timer
 from . import voice
-from .validation import ClientEventError, validate_client_event
+from .validation import ClientEventError, validate_client_event, validate_server_event
 
 __all__ = [
     "DEFAULT_INSTRUCTIONS",
@@ -583,6 +583,17 @@ class SimulatedSession:
                 "event_id": event_id,
             },
         )
+
+    def send_scripted(self, event_type: str, **fields: Any) -> None:
+        """
+        Send one server event a test script wrote (a sequence the real API produces in a race or a
+        failure).  It is held to the GA server event types like everything else: a script cannot make
+        the simulator send what the real API could not.
+        """
+        event = {"type": event_type, "event_id": new_id("event"), **fields}
+        validate_server_event(event)
+        if not self.closed:
+            self._emit(event)
 
     def receive_unparsable(self, problem: str) -> None:
         """A text frame that is not JSON."""
@@ -1251,6 +1262,14 @@ class SimulatedSession:
 # --------------------------------------------------------------------------- the socket
 
 
+def _is_valid_client_event(event: object) -> bool:
+    try:
+        validate_client_event(event)
+    except ClientEventError:
+        return False
+    return True
+
+
 class SimulatorProtocol(WebSocketServerProtocol):
     """One simulated Realtime connection: the handshake checks, then a :class:`SimulatedSession`."""
 
@@ -1344,6 +1363,10 @@ class SimulatorProtocol(WebSocketServerProtocol):
             return
         if isinstance(event, dict) and self.factory.record_received:
             self.factory.received.append((session.id, event))
+        script = self.factory.script
+        # Only a valid event reaches a script: the simulated API refuses the others as usual.
+        if script is not None and _is_valid_client_event(event) and script(session, event):
+            return
         try:
             session.receive(event)
         except Exception:
@@ -1400,6 +1423,7 @@ class SimulatorFactory(WebSocketServerFactory):
         url: str | None = None,
         max_session_seconds: float = 3600.0,
         record_received: bool = True,
+        script: Callable[[SimulatedSession, dict[str, Any]], bool] | None = None,
     ) -> None:
         super().__init__(url=url)
         self.setProtocolOptions(
@@ -1411,6 +1435,9 @@ class SimulatorFactory(WebSocketServerFactory):
         self.chunk_interval = chunk_interval
         self.max_session_seconds = max_session_seconds
         self.record_received = record_received
+        #: Tests only: sees each valid client event first and, by returning True, answers it itself
+        #: (with :meth:`SimulatedSession.send_scripted`) instead of the simulated API.
+        self.script = script
         self.received: list[tuple[str, dict[str, Any]]] = []
         self.sessions: list[SimulatorProtocol] = []
 
