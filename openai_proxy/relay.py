@@ -139,7 +139,7 @@ class UpstreamProtocol(WebSocketClientProtocol):
             return
         try:
             event = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             self.link.protocol_problem("the upstream sent a frame that is not JSON")
             return
         if not isinstance(event, dict):

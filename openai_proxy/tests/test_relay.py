@@ -498,7 +498,11 @@ class _HostileUpstream(WebSocketServerProtocol):
         if event["type"] != "session.update":
             return
         self.sendMessage(b"\x00\x01binary", isBinary=True)
-        for junk in [b"not json", b"[1, 2]", b'{"type": 5}', b'{"no": "type"}',
+        for junk in [b"not json", b"[1, 2]", b'{"type": 5}', b'{"no": "type"}', b"[" * 100_000,
+                     b'{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": NaN}',
+                     b'{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 1e999}',
+                     b'{"type": "response.created", "response": {"id": 5}}',
+                     b'{"type": "error", "error": {"code": 500, "message": {"a": 1}, "event_id": "x"}}',
                      b'{"type": "response.output_audio.delta", "delta": "!!!"}',
                      b'{"type": "response.created", "response": []}',
                      b'{"type": "error", "error": "flat"}',
@@ -521,7 +525,10 @@ class HostileUpstreamTests(_DaemonTestCase):
         # Only Deepgram messages reached the client: nothing raw, no binary frame.
         self.assertEqual([f for f in client.frames if isinstance(f, bytes)], [])
         for message in client.messages:
-            self.assertIn(message["type"], {"Welcome", "SettingsApplied", "Warning", "Error"})
+            self.assertIn(message["type"], {"Welcome", "SettingsApplied", "Warning", "Error",
+                                            "UserStartedSpeaking", "UtteranceEnd"})
+            if message["type"] == "UtteranceEnd":
+                self.assertEqual(message["last_word_end"], 0.0)
         client.send_json({"type": "KeepAlive"})
         yield wait(0.1)
         self.assertTrue(client.transport.connected)
@@ -593,3 +600,29 @@ class CloseTimerTests(_DaemonTestCase):
             yield wait(0.01)
         yield wait(0.02)
         self.assertEqual(_batched_timer_calls(), [])
+
+
+class StrictJsonTests(_DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_deeply_nested_client_json(self) -> None:
+        yield self.start()
+        assert self.daemon.factory is not None
+        self.daemon.factory.debug = True  # the debug log peeks at every message's type too
+        client = yield self.configured_client()
+        client.sendMessage(b'{"type": "Settings", "agent": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+        error = yield client.expect("Error")
+        self.assertEqual(error["code"], errors.UNPARSABLE_CLIENT_MESSAGE)
+        client.send_json({"type": "InjectUserMessage", "content": "still there?"})
+        yield client.expect("AgentAudioDone", timeout=10)
+
+    @defer.inlineCallbacks
+    def test_non_finite_numbers_in_settings(self) -> None:
+        yield self.start()
+        client = yield self.configured_client()
+        for bad in (b"NaN", b"Infinity", b"1e999"):
+            text = json.dumps(default_settings()).encode().replace(
+                b'"required": ["city"]', b'"required": ["city"], "maximum": ' + bad)
+            client.sendMessage(text)
+            error = yield client.expect("Error")
+            self.assertEqual(error["code"], errors.UNPARSABLE_CLIENT_MESSAGE)
+        self.assertEqual([e for e in self.daemon.upstream_events() if "NaN" in json.dumps(e)], [])
