@@ -625,3 +625,32 @@ class OverlappingResponsesTests(SynchronousTestCase):
         h.start_response("resp_2")
         self.assertEqual(response_creates(done(h, "resp_2")), [])
         self.assertEqual(len(response_creates(done(h, "resp_1"))), 1)
+
+
+class HugeClientNumbersTests(SynchronousTestCase):
+    """A 400-digit integer is valid JSON: where the daemon needs a number it is refused by name."""
+
+    BIG = "9" * 400
+
+    def test_speed_in_settings_and_update_speak(self) -> None:
+        h = Harness()
+        message = settings(speak={"provider": {"type": "open_ai", "model": "tts-1", "voice": "alloy",
+                                               "speed": 1.0}})
+        [error] = h.client(h.text(json.dumps(message).replace('"speed": 1.0', '"speed": ' + self.BIG)))
+        self.assertEqual(error["code"], errors.INVALID_SETTINGS)
+        self.assertIn("agent.speak.provider.speed", error["description"])
+        h = ready()
+        out = h.text('{"type": "UpdateSpeak", "speak": {"provider": {"type": "open_ai", '
+                     '"model": "tts-1", "voice": "alloy", "speed": ' + self.BIG + "}}}")
+        [error] = h.client(out)
+        self.assertEqual(error["code"], errors.INVALID_CLIENT_MESSAGE)
+        self.assertIn("speak.provider.speed", error["description"])
+
+    def test_sample_rate_and_behavior(self) -> None:
+        h = Harness()
+        message = json.dumps(settings()).replace('"sample_rate": 24000', '"sample_rate": ' + self.BIG, 1)
+        [error] = h.client(h.text(message))
+        self.assertEqual(error["code"], errors.INVALID_SETTINGS)
+        h = ready()
+        out = h.text('{"type": "InjectAgentMessage", "message": "x", "behavior": ' + self.BIG + "}")
+        self.assertEqual(h.client(out)[0]["code"], errors.INVALID_CLIENT_MESSAGE)

@@ -132,7 +132,10 @@ def _number(value: Any, path: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SettingsError(path, f"must be a number, got {type_name(value)}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits is JSON, but no usable number
+        raise SettingsError(path, "is out of range") from None
 
 
 def _bool(value: Any, path: str) -> bool | None:
