@@ -554,7 +554,8 @@ def ignored_settings_fields(message: Mapping[str, Any]) -> list[str]:
     """
     found: list[str] = []
     _unknown_fields(dict(message), SETTINGS_FIELDS, "", found)
-    return found[:MAX_IGNORED_REPORTED]
+    # A path is the client's own text: bounded, so a giant key cannot make a giant Warning.
+    return [p if len(p) <= 200 else p[:197] + "..." for p in found[:MAX_IGNORED_REPORTED]]
 
 
 def ignored_field_hint(path: str) -> str | None:
