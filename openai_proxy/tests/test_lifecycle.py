@@ -434,6 +434,12 @@ class IgnoredSettingsTests(SynchronousTestCase):
         self.assertEqual(sorted(w["description"].split()[0] for w in warnings),
                          ["agent.think.functions[0].paramters", "audio.input.sample_rte"])
 
+    def test_a_giant_key_gives_a_bounded_warning(self) -> None:
+        message = settings()
+        message["agent"]["x" * 100_000] = 1
+        [warning] = self.warnings(message)
+        self.assertLess(len(warning["description"]), 400)
+
     def test_every_documented_field_is_quiet(self) -> None:
         message = settings(
             language="en",
