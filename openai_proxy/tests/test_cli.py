@@ -123,6 +123,10 @@ class FakeAgentProtocol(WebSocketServerProtocol):
             self.fake.replying = False
             return
         step = steps.pop(0)
+        if not steps:
+            # The reply is over once its last message is sent: a client that answers it at once
+            # (within the next reactor turn) is not overlapping it.
+            self.fake.replying = False
         if isinstance(step, bytes):
             self.sendMessage(step, isBinary=True)
         else:
