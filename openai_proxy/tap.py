@@ -66,6 +66,10 @@ class Options(usage.Options):
                                               "may call [OPENAI_PROXY_FUNCTION_URL_PREFIXES; none: off]."],
         ["function-timeout", None, None, "Seconds a server-side function has to answer [10]."],
         ["function-max-response-bytes", None, None, "Largest server-side function answer [65536]."],
+        ["client-stall-timeout", None, None, "Seconds a client may leave the daemon's output unread "
+                                             "before it is dropped [30]."],
+        ["max-pending-connections", None, None, "Concurrent connections not yet upgraded to "
+                                                "WebSocket sessions [128]."],
     ]
 
     def __init__(self) -> None:
