@@ -697,6 +697,11 @@ class Session:
                 return
             self._held_injections.append(content)
             return
+        if len(self._user_echo) >= MAX_WAITING_REQUESTS or len(self._response_queue) >= MAX_WAITING_REQUESTS:
+            # The upstream has not confirmed the earlier ones yet: the same limit as before Settings.
+            self._error(errors.TOO_MANY_REQUESTS,
+                        "too many messages are waiting for the upstream to take them")
+            return
         self._inject_user_text(content)
 
     def _inject_user_text(self, content: str) -> None:
