@@ -22,6 +22,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
@@ -29,7 +30,7 @@ from twisted.web.client import Agent, readBody
 from openai_proxy import errors
 from openai_proxy import session as s
 from openai_proxy.config import Limits
-from openai_proxy.relay import CLIENT_NOT_READING, CLOSE_TIMEOUT, ClientProtocol
+from openai_proxy.relay import CLIENT_NOT_READING, CLOSE_TIMEOUT, ClientProtocol, _Flow
 from openai_proxy.tests.helpers import Daemon, connect_client, default_settings, wait
 
 KIB = 1024
@@ -420,3 +421,53 @@ class TricklingRequestTests(_LoopbackTestCase):
         self.assertLessEqual(site.pending, limit)
         yield self.until(lambda: sum(_closed_by_peer(sock) for sock in socks + more) >= 200 - limit,
                          "the dropped connections seeing their end")
+
+
+class FlowTests(TestCase):
+    """The backpressure rules of one session, on Twisted's in-memory transports."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.stalls: list[float] = []
+        self.flow = _Flow(self.clock, 30.0, lambda: self.stalls.append(self.clock.seconds()))
+        self.client = StringTransport()
+        self.upstream = StringTransport()
+        self.flow.attach("client", self.client)
+        self.flow.attach("upstream", self.upstream)
+
+    def test_a_client_that_does_not_read_pauses_both_legs_then_is_dropped(self) -> None:
+        self.client.producer.pauseProducing()  # the client's write buffer went over the high-water mark
+        self.assertEqual((self.client.producerState, self.upstream.producerState), ("paused", "paused"))
+        self.clock.advance(29.9)
+        self.assertEqual(self.stalls, [])
+        self.client.producer.resumeProducing()  # drained in time: both legs read again, no drop
+        self.assertEqual((self.client.producerState, self.upstream.producerState),
+                         ("producing", "producing"))
+        self.clock.advance(60)
+        self.assertEqual(self.stalls, [])
+        self.client.producer.pauseProducing()  # at 89.9 s; the stall timer starts again from zero
+        self.clock.advance(29.9)
+        self.assertEqual(self.stalls, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.stalls), 1)
+        self.assertAlmostEqual(self.stalls[0], 119.9)
+
+    def test_an_upstream_that_does_not_read_pauses_the_client_only(self) -> None:
+        self.upstream.producer.pauseProducing()
+        self.assertEqual((self.client.producerState, self.upstream.producerState), ("paused", "producing"))
+        self.clock.advance(300)
+        self.assertEqual(self.stalls, [])
+        # Both backed up: the client leg resumes only when neither asks for the pause.
+        self.client.producer.pauseProducing()
+        self.upstream.producer.resumeProducing()
+        self.assertEqual((self.client.producerState, self.upstream.producerState), ("paused", "paused"))
+        self.client.producer.resumeProducing()
+        self.assertEqual((self.client.producerState, self.upstream.producerState),
+                         ("producing", "producing"))
+
+    def test_detach_stops_the_stall_timer_and_forgets_the_transports(self) -> None:
+        self.client.producer.pauseProducing()
+        self.flow.detach()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(60)
+        self.assertEqual(self.stalls, [])
