@@ -471,3 +471,50 @@ class FlowTests(TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(60)
         self.assertEqual(self.stalls, [])
+
+
+class _FakeRlimit:
+    """A stand-in for the ``resource`` module's open-files limit."""
+
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = -1
+
+    def __init__(self, soft: int, hard: int) -> None:
+        self.limits = (soft, hard)
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if limits[0] > self.limits[1] and self.limits[1] != self.RLIM_INFINITY:
+            raise ValueError("not allowed to raise maximum limit")
+        self.limits = limits
+
+
+class DescriptorTests(TestCase):
+    def warnings(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(records.append)
+        self.addCleanup(globalLogPublisher.removeObserver, records.append)
+        return records
+
+    def test_the_open_files_limit_is_raised_to_what_the_limits_need(self) -> None:
+        from openai_proxy.config import Config
+        from openai_proxy.tap import descriptors_needed, ensure_descriptors
+
+        config = Config(api_key="k", limits=Limits(max_sessions=200, max_pending_connections=128))
+        needed = descriptors_needed(config)
+        self.assertEqual(needed, 2 * 200 + 128 + 64)
+        records = self.warnings()
+        enough = _FakeRlimit(4096, 4096)
+        ensure_descriptors(config, enough)
+        self.assertEqual(enough.limits, (4096, 4096))
+        raised = _FakeRlimit(256, 65536)
+        ensure_descriptors(config, raised)
+        self.assertEqual(raised.limits, (needed, 65536))
+        self.assertEqual([r for r in records if "open-files limit" in r.get("log_format", "")], [])
+        short = _FakeRlimit(256, 300)
+        ensure_descriptors(config, short)
+        self.assertEqual(short.limits, (300, 300))
+        [warning] = [r for r in records if "open-files limit" in r.get("log_format", "")]
+        self.assertEqual((warning["limit"], warning["needed"]), (300, needed))
