@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -901,6 +902,11 @@ def _peek_type(text: str) -> str | None:
     return _safe_type(message)
 
 
+#: Distinct (type, code) pairs ``/metrics`` counts separately; the rest are counted as ``OTHER``.
+MAX_COUNTED_CODES = 100
+_LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
 class SessionRegistry(Service):
     """
     The open sessions.  Stopping it drains: no new sessions, open ones get ``grace`` seconds to finish and
@@ -926,9 +932,18 @@ class SessionRegistry(Service):
         self.sessions_total += 1
 
     def count_client_message(self, message: dict[str, Any]) -> None:
-        """Count an ``Error`` or ``Warning`` on its way to a client (for ``/metrics``)."""
+        """
+        Count an ``Error`` or ``Warning`` on its way to a client (for ``/metrics``).  Codes become label
+        values: characters other than letters, digits, ``_``, ``.`` and ``-`` become ``_``, at most 64 are
+        kept, and past :data:`MAX_COUNTED_CODES` distinct codes the rest are counted as ``OTHER`` (an
+        upstream can send any code).
+        """
         if message.get("type") in ("Error", "Warning"):
-            self.client_errors[(message["type"], str(message.get("code")))] += 1
+            code = _LABEL_UNSAFE.sub("_", str(message.get("code")))[:64]
+            key = (message["type"], code)
+            if key not in self.client_errors and len(self.client_errors) >= MAX_COUNTED_CODES:
+                key = (message["type"], "OTHER")
+            self.client_errors[key] += 1
 
     def remove(self, protocol: ClientProtocol) -> None:
         self._sessions.discard(protocol)

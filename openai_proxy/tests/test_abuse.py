@@ -518,3 +518,20 @@ class DescriptorTests(TestCase):
         self.assertEqual(short.limits, (300, 300))
         [warning] = [r for r in records if "open-files limit" in r.get("log_format", "")]
         self.assertEqual((warning["limit"], warning["needed"]), (300, needed))
+
+
+class ErrorCodeCounterTests(TestCase):
+    def test_codes_from_a_peer_cannot_forge_or_grow_the_counters(self) -> None:
+        from openai_proxy.relay import MAX_COUNTED_CODES, SessionRegistry
+
+        registry = SessionRegistry(Clock(), 0)
+        registry.count_client_message({"type": "Error", "code": 'x"} 1\nforged_metric 999\n#'})
+        for n in range(20_000):
+            registry.count_client_message({"type": "Error", "code": f"code_{n}"})
+        registry.count_client_message({"type": "Warning", "code": 5})
+        self.assertLessEqual(len(registry.client_errors), MAX_COUNTED_CODES + 2)
+        for _kind, code in registry.client_errors:
+            self.assertRegex(code, r"^[A-Za-z0-9_.\-]{1,64}$")
+        self.assertEqual(sum(registry.client_errors.values()), 20_002)
+        # The forged code and 99 others fill the 100 places; the rest are OTHER.
+        self.assertEqual(registry.client_errors[("Error", "OTHER")], 20_000 - (MAX_COUNTED_CODES - 1))
