@@ -640,6 +640,13 @@ class Session:
                 f"too many updates are waiting for the agent's reply to end; {ack[:-7]} dropped",
             )
             return
+        if len(self._in_flight_updates) >= MAX_WAITING_REQUESTS:
+            # Sent but not confirmed yet: each holds a whole plan (instructions up to 64 Ki characters).
+            self._error(
+                errors.TOO_MANY_REQUESTS,
+                f"too many updates are waiting for the upstream to confirm them; {ack[:-7]} dropped",
+            )
+            return
         self._queued_updates.append(_QueuedUpdate(ack, plan))
         self._pump()
 

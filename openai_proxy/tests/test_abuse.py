@@ -32,6 +32,7 @@ from openai_proxy import session as s
 from openai_proxy.config import Limits
 from openai_proxy.relay import CLIENT_NOT_READING, CLOSE_TIMEOUT, ClientProtocol, _Flow
 from openai_proxy.tests.helpers import Daemon, connect_client, default_settings, wait
+from openai_proxy.tests.test_memory import _MemoryTestCase
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -535,3 +536,26 @@ class ErrorCodeCounterTests(TestCase):
         self.assertEqual(sum(registry.client_errors.values()), 20_002)
         # The forged code and 99 others fill the 100 places; the rest are OTHER.
         self.assertEqual(registry.client_errors[("Error", "OTHER")], 20_000 - (MAX_COUNTED_CODES - 1))
+
+
+class WaitingRequestsTests(_MemoryTestCase):
+    """Requests a client adds while the upstream has not answered yet stay bounded (in memory)."""
+
+    def test_injections_and_updates_the_upstream_has_not_confirmed_are_bounded(self) -> None:
+        daemon = self.start()
+        client = daemon.configured_client()
+        daemon.upstream_transport().hold()  # the upstream's answers wait from here on
+        for n in range(40):
+            client.send_json({"type": "InjectUserMessage", "content": f"message {n} " + "x" * 10_000})
+            client.send_json({"type": "UpdatePrompt", "prompt": f"rule {n}: " + "y" * 1_000})
+        daemon.flush()
+        session = daemon.client_session().session
+        assert session is not None
+        self.assertEqual(len(session._user_echo), s.MAX_WAITING_REQUESTS)
+        self.assertEqual(len(session._in_flight_updates), s.MAX_WAITING_REQUESTS)
+        refused = client.of_type("Error", code=errors.TOO_MANY_REQUESTS)
+        self.assertEqual(len(refused), 2 * (40 - s.MAX_WAITING_REQUESTS))
+        # Once the upstream answers, the session goes on.
+        daemon.upstream_transport().release()
+        daemon.run_until(client.has("AgentAudioDone"), "a reply")
+        self.assertEqual(len(client.of_type("PromptUpdated")), s.MAX_WAITING_REQUESTS)
