@@ -5,10 +5,12 @@ memory, exit status, the close), bounded by what the limits promise.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from typing import Any
 
+from openai_proxy.tests.test_abuse import flood as send_frames
 from openai_proxy.tests.test_abuse import raw_websocket, ws_frame
 
 from .support import API_KEY, SystemTestCase, agent_settings, clean_environment, twistd_command
@@ -26,22 +28,24 @@ def resident_bytes(pid: int) -> int:
 
 def flood(pid: int, sock: Any, frame: bytes, limit: int) -> tuple[int, bool, int]:
     """
-    Send ``frame`` again and again, as fast as the daemon takes it, until ``limit`` bytes went out or a
-    send made no progress for 2 s.  The bytes sent, whether sending got stuck, and the growth of the
-    daemon's resident memory (peak minus start).
+    Send ``frame`` again and again, as fast as the daemon takes it, until ``limit`` bytes went out or
+    sending made no progress at all for 2 s.  The bytes sent, whether sending got stuck, and the growth
+    of the daemon's resident memory (the highest seen minus the start).
     """
     before = peak = resident_bytes(pid)
-    sock.settimeout(2.0)
     sent = 0
     stuck = False
-    try:
-        while sent < limit:
-            sock.sendall(frame)
-            sent += len(frame)
-            peak = max(peak, resident_bytes(pid))
-    except TimeoutError:
-        stuck = True
-    peak = max(peak, resident_bytes(pid))
+    while sent < limit:
+        try:
+            taken, stalled = send_frames(sock, itertools.repeat(frame), min(limit - sent, 4 * MIB))
+        except (ConnectionResetError, BrokenPipeError):
+            stuck = True  # dropped already: it had stopped reading long enough
+            break
+        sent += taken
+        peak = max(peak, resident_bytes(pid))
+        if stalled and taken == 0:
+            stuck = True
+            break
     print(f"\naccepted {sent} bytes; resident {before} -> peak {peak} bytes")
     return sent, stuck, peak - before
 
