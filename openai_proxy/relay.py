@@ -7,7 +7,8 @@ inputs and carry out the session's outputs.
   socket is open, then they flow in order.  :class:`UpstreamProtocol` is its Autobahn client protocol.
 - Backpressure (:class:`_Flow`): each leg's transport says when its write buffer backs up; a client that
   does not read pauses reading on both legs and is dropped after ``client_stall_timeout`` (close 1008
-  ``CLIENT_NOT_READING``), an upstream that does not read pauses reading from the client.
+  ``CLIENT_NOT_READING``), an upstream that does not read pauses reading from the client and ends the
+  session after as long (``UPSTREAM_TIMEOUT``).
 - Every ``Error`` / ``Warning`` text and close reason leaving for a client is scrubbed of secrets, and the
   log records a client can cause at will are rate-limited per session.
 """
@@ -85,7 +86,7 @@ def _safe_type(message: Any) -> str | None:
 
 
 @implementer(IPushProducer)
-class _Consumer:
+class _WriteWatch:
     """
     Registered as the push producer of one leg's transport, so that the transport says when its write
     buffer backs up (``pauseProducing``: above Twisted's high-water mark, 64 KiB) and when it has drained
@@ -112,24 +113,23 @@ class _Flow:
     Backpressure of one session, both ways (SPEC §7: memory per session stays bounded whatever a peer does).
 
     - The client's output backs up (it does not read): reading pauses on **both** legs, the client's
-      (nothing it sends can add work) and the upstream's (nothing more to forward), and the stall timer
-      starts; if the client has not drained its output ``client_stall_timeout`` seconds later, it is
-      dropped (``on_stall``).
+      (nothing it sends can add work) and the upstream's (nothing more to forward).
     - The upstream's output backs up: reading from the client pauses.
 
-    Reading resumes as soon as no backed-up output asks for the pause any more.
+    Reading resumes as soon as no backed-up output asks for the pause any more.  A leg whose output has
+    stayed backed up for ``stall_timeout`` seconds is reported to ``on_stall(leg)``, once per backup.
     """
 
-    def __init__(self, clock: IReactorTime, stall_timeout: float, on_stall: Callable[[], None]) -> None:
+    def __init__(
+        self, clock: IReactorTime, stall_timeout: float, on_stall: Callable[[str], None]
+    ) -> None:
         self._clock = clock
         self._stall_timeout = stall_timeout
-        self._on_stall: Callable[[], None] | None = on_stall
+        self._on_stall: Callable[[str], None] | None = on_stall
         self._transports: dict[str, Any] = {}
         self._backed_up = {"client": False, "upstream": False}
         self._paused = {"client": False, "upstream": False}
-        self._stall: Any = None
-        #: How often the client's output backed up (for tests and logs).
-        self.client_backups = 0
+        self._stalls: dict[str, Any] = {}
 
     def attach(self, leg: str, transport: Any) -> None:
         """Watch ``transport``'s write buffer and let the flow pause its reading."""
@@ -137,12 +137,13 @@ class _Flow:
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()
         self._transports[leg] = transport
-        transport.registerProducer(_Consumer(self, leg), True)
+        transport.registerProducer(_WriteWatch(self, leg), True)
         self._apply()
 
     def detach(self) -> None:
-        """The session is over: forget the transports and stop the stall timer (breaks the cycles)."""
-        self._cancel_stall()
+        """The session is over: forget the transports and stop the stall timers (breaks the cycles)."""
+        for leg in list(self._stalls):
+            self._cancel_stall(leg)
         self._transports.clear()
         self._on_stall = None
 
@@ -153,12 +154,10 @@ class _Flow:
         if self._backed_up[leg] == value:
             return
         self._backed_up[leg] = value
-        if leg == "client":
-            if value:
-                self.client_backups += 1
-                self._stall = self._clock.callLater(self._stall_timeout, self._stalled)
-            else:
-                self._cancel_stall()
+        if value:
+            self._stalls[leg] = self._clock.callLater(self._stall_timeout, self._stalled, leg)
+        else:
+            self._cancel_stall(leg)
         self._apply()
 
     def _apply(self) -> None:
@@ -177,15 +176,15 @@ class _Flow:
             else:
                 transport.resumeProducing()
 
-    def _cancel_stall(self) -> None:
-        if self._stall is not None and self._stall.active():
-            self._stall.cancel()
-        self._stall = None
+    def _cancel_stall(self, leg: str) -> None:
+        call = self._stalls.pop(leg, None)
+        if call is not None and call.active():
+            call.cancel()
 
-    def _stalled(self) -> None:
-        self._stall = None
+    def _stalled(self, leg: str) -> None:
+        self._stalls.pop(leg, None)
         if self._on_stall is not None:
-            self._on_stall()
+            self._on_stall(leg)
 
 
 class _FaultLog:
@@ -603,7 +602,7 @@ class ClientProtocol(WebSocketServerProtocol):
         _no_delay(self.transport)
         clock = self.factory.clock
         self._faults = _FaultLog(clock)
-        self.flow = _Flow(clock, self.factory.config.limits.client_stall_timeout, self._not_reading)
+        self.flow = _Flow(clock, self.factory.config.limits.client_stall_timeout, self._stalled)
         self.flow.attach("client", self.transport)
 
     def connectionLost(self, reason: Failure = internet_error.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -744,6 +743,18 @@ class ClientProtocol(WebSocketServerProtocol):
                     count=count,
                     **self.log_fields,
                 )
+
+    def _stalled(self, leg: str) -> None:
+        if leg == "client":
+            self._not_reading()
+        elif not self._gone:
+            # The upstream has left the daemon's output unread as long: the session cannot go on.
+            _log.warn(
+                "upstream not reading for {seconds} s; ending the session",
+                seconds=self.factory.config.limits.client_stall_timeout,
+                **self.log_fields,
+            )
+            self.upstream_failed(errors.UPSTREAM_TIMEOUT, "the upstream stopped reading")
 
     def _not_reading(self) -> None:
         """The client left the daemon's output unread for ``client_stall_timeout``: drop it."""

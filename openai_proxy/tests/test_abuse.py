@@ -435,7 +435,7 @@ class FlowTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.stalls: list[float] = []
-        self.flow = _Flow(self.clock, 30.0, lambda: self.stalls.append(self.clock.seconds()))
+        self.flow = _Flow(self.clock, 30.0, lambda leg: self.stalls.append((leg, self.clock.seconds())))
         self.client = StringTransport()
         self.upstream = StringTransport()
         self.flow.attach("client", self.client)
@@ -455,14 +455,17 @@ class FlowTests(TestCase):
         self.clock.advance(29.9)
         self.assertEqual(self.stalls, [])
         self.clock.advance(0.1)
-        self.assertEqual(len(self.stalls), 1)
-        self.assertAlmostEqual(self.stalls[0], 119.9)
+        [(leg, when)] = self.stalls
+        self.assertEqual(leg, "client")
+        self.assertAlmostEqual(when, 119.9)
 
     def test_an_upstream_that_does_not_read_pauses_the_client_only(self) -> None:
         self.upstream.producer.pauseProducing()
         self.assertEqual((self.client.producerState, self.upstream.producerState), ("paused", "producing"))
-        self.clock.advance(300)
+        self.clock.advance(29.9)
         self.assertEqual(self.stalls, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.stalls, [("upstream", 30.0)])
         # Both backed up: the client leg resumes only when neither asks for the pause.
         self.client.producer.pauseProducing()
         self.upstream.producer.resumeProducing()
@@ -564,3 +567,59 @@ class WaitingRequestsTests(_MemoryTestCase):
         daemon.upstream_transport().release()
         daemon.run_until(client.has("AgentAudioDone"), "a reply")
         self.assertEqual(len(client.of_type("PromptUpdated")), s.MAX_WAITING_REQUESTS)
+
+
+class _DeafUpstream(WebSocketServerProtocol):
+    """Confirms the session, then never reads again (with a small receive buffer)."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # type: ignore[union-attr]
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        event = json.loads(payload)
+        if event["type"] == "session.update":
+            self.sendMessage(json.dumps({"type": "session.updated", "event_id": "e1",
+                                         "session": event["session"]}).encode())
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+
+class NonReadingUpstreamTests(_LoopbackTestCase):
+    STALL = 30.0
+
+    @defer.inlineCallbacks
+    def test_an_upstream_that_stops_reading_pauses_the_client_then_ends_the_session(self) -> None:
+        factory = WebSocketServerFactory()
+        factory.protocol = _DeafUpstream
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        clock = Clock()
+        yield self.start(url_for=lambda model: f"ws://127.0.0.1:{number}/v1/realtime?model={model}",
+                         limits=Limits(handshake_timeout=5.0, ping_interval=0,
+                                       client_stall_timeout=self.STALL))
+        assert self.daemon.factory is not None
+        self.daemon.factory.clock = clock
+        client = yield connect_client(self.daemon.url)
+        self.addCleanup(lambda: client.dropConnection(abort=True))
+        client.send_json(default_settings())
+        yield client.expect("SettingsApplied")
+        protocol = self.only_session()
+        assert protocol._upstream is not None and protocol._upstream._protocol is not None
+        upstream_transport = protocol._upstream._protocol.transport
+        upstream_transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # type: ignore[union-attr]
+        flow = protocol.flow
+        assert flow is not None
+        for n in range(8):
+            client.send_json({"type": "InjectUserMessage", "content": f"{n} " + "x" * 200_000})
+        yield self.until(lambda: flow.is_paused("client"), "the client's reading pausing")
+        self.assertFalse(flow.is_paused("upstream"))
+        self.assertLess(_held_by_transport(upstream_transport), 2 * MIB)
+        clock.advance(self.STALL - 0.5)
+        self.assertEqual([m for m in client.messages if m["type"] == "Error"], [])
+        clock.advance(0.5)
+        error = yield client.expect("Error")
+        self.assertEqual(error["code"], errors.UPSTREAM_TIMEOUT)
+        _, code, _ = yield client.closed
+        self.assertEqual(code, 1011)
+        yield self.until(self.timers_ended, "the timers ending", within=5.0)
