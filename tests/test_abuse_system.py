@@ -97,6 +97,10 @@ class NonReadingClientTests(SystemTestCase):
         records = daemon.log_records()
         faults = [r for r in records if r["body"].startswith("client error")]
         self.assertEqual(len(faults), 10, "client fault records are not rate-limited")
+        # The whole log so far (start-up included) against what the client sent.
+        log_bytes = len(daemon.stdout().encode())
+        print(f"log: {log_bytes} bytes for {sent} bytes of bad messages")
+        self.assertLess(log_bytes, 32 * 1024)
         # Audio after Settings goes upstream as fast as the upstream reads it; nothing piles up.
         sock = raw_websocket(daemon.port)
         self.addCleanup(sock.close)
