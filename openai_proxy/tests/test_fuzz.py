@@ -173,6 +173,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+#: Codes of the simulator's refusals of malformed events (not of events the conversation's state refuses).
+_MALFORMED_CODES = frozenset({
+    "invalid_json", "unknown_parameter", "invalid_type", "missing_required_parameter",
+    "object_above_max_properties", "string_above_max_length", "session_not_configured",
+})
+
+
 def _footprint(session: s.Session) -> dict[str, int]:
     """What the daemon holds for a session that a peer could make grow."""
     return {
@@ -249,9 +256,12 @@ def _drive(daemon: MemoryDaemon, actions: list[tuple[str, Any]]) -> None:
     bystander.send_json({"type": "InjectUserMessage", "content": "Are you still there?"})
     daemon.run_until(bystander.has("AgentAudioDone"), "the bystander's reply")
     _check.assertTrue(bystander.of_type("ConversationText", role="assistant"))
-    # Nothing the daemon sent upstream was refused by the strict simulator.
-    _check.assertEqual(daemon.simulator_sent("error"), [])
+    # Every event the daemon sent upstream is valid (checked with the openai types), and the simulator
+    # refused none as malformed.  It may refuse some for the conversation's state (a voice change after
+    # the agent spoke, an item only the fuzzed upstream had announced), as the real API does.
     daemon.upstream_events()
+    refused = [e for e in daemon.simulator_sent("error") if e["error"]["code"] in _MALFORMED_CODES]
+    _check.assertEqual(refused, [])
 
 
 def _client(daemon: MemoryDaemon) -> _StrictClient:
