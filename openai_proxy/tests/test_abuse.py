@@ -623,3 +623,23 @@ class NonReadingUpstreamTests(_LoopbackTestCase):
         _, code, _ = yield client.closed
         self.assertEqual(code, 1011)
         yield self.until(self.timers_ended, "the timers ending", within=5.0)
+
+
+class ScrubTests(TestCase):
+    def test_configured_secrets_are_masked_literally_and_known_forms_by_pattern(self) -> None:
+        from openai_proxy.config import Config
+        from openai_proxy.relay import ClientFactory, SessionRegistry, UpstreamConnector
+
+        config = Config(api_key="opaque-secret-value-1",
+                        client_tokens=frozenset({"tok-abcdef", "tok-abcdef-longer", "ab"}))
+        factory = ClientFactory(Clock(), config, SessionRegistry(Clock(), 0),  # type: ignore[arg-type]
+                                UpstreamConnector(Clock(), config))
+        self.assertEqual(
+            factory.scrub("key opaque-secret-value-1, tokens tok-abcdef-longer tok-abcdef ab, "
+                          "sk-proj-abcdefgh1234 and authorization: Basic Zm9vOmJhcg=="),
+            "key [REDACTED], tokens [REDACTED] [REDACTED] ab, sk-[REDACTED] and authorization: [REDACTED]",
+        )
+        # Only the texts of a message are touched; a two-letter token is not masked literally.
+        message = {"type": "Error", "code": "x_opaque-secret-value-1", "description": "ok", "n": 5}
+        self.assertEqual(factory.scrub_message(message),
+                         {"type": "Error", "code": "x_[REDACTED]", "description": "ok", "n": 5})
