@@ -62,6 +62,12 @@ class Limits:
     function_timeout: float = 10.0
     #: Largest server-side function response body, in bytes.
     function_max_response_bytes: int = 64 * 1024
+    #: Seconds a client may leave the daemon's output to it unread (its transport's write buffer above
+    #: the high-water mark) before it is dropped (close 1008 ``CLIENT_NOT_READING``).
+    client_stall_timeout: float = 30.0
+    #: Concurrent connections that have not (yet) become WebSocket sessions: plain HTTP and requests
+    #: still arriving.  At the limit the oldest of them is dropped to make room for a new one.
+    max_pending_connections: int = 128
 
 
 @dataclass(frozen=True)
@@ -247,7 +253,7 @@ def build_config(
     client_tokens: frozenset[str] = frozenset()
     if options.get("client-tokens-file"):
         client_tokens = _read_tokens(options["client-tokens-file"], "--client-tokens-file")
-    elif env.get("OPENAI_PROXY_CLIENT_TOKENS", "").strip():
+    elif env.get("OPENAI_PROXY_CLIENT_TOKENS", "") != "":
         # The environment holds either a file of tokens or the tokens themselves, comma-separated.
         value = env["OPENAI_PROXY_CLIENT_TOKENS"].strip()
         if value.startswith(("/", "./", "../", "~")) and not os.path.isfile(value):
@@ -257,6 +263,9 @@ def build_config(
             client_tokens = _read_tokens(value, "OPENAI_PROXY_CLIENT_TOKENS")
         else:
             client_tokens = frozenset(_split_list(value))
+            if not client_tokens:
+                # Only separators: refusing is safer than silently turning client auth off.
+                raise ConfigError("OPENAI_PROXY_CLIENT_TOKENS: holds no token (only separators)")
 
     log_level = options.get("log-level")
     if not log_level:

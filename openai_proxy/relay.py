@@ -5,14 +5,19 @@ inputs and carry out the session's outputs.
 - :class:`ClientProtocol` serves one Deepgram v1 client.
 - :class:`UpstreamLink` owns the OpenAI leg of that client: a Deferred gate holds events until the upstream
   socket is open, then they flow in order.  :class:`UpstreamProtocol` is its Autobahn client protocol.
-- Backpressure: each leg's transport is registered as a push producer on the other (through
-  :class:`_PauseRelay`), so a slow reader on one side stops reading on the other instead of queueing.
+- Backpressure (:class:`_Flow`): each leg's transport says when its write buffer backs up; a client that
+  does not read pauses reading on both legs and is dropped after ``client_stall_timeout`` (close 1008
+  ``CLIENT_NOT_READING``), an upstream that does not read pauses reading from the client and ends the
+  session after as long (``UPSTREAM_TIMEOUT``).
+- Every ``Error`` / ``Warning`` text and close reason leaving for a client is scrubbed of secrets, and the
+  log records a client can cause at will are rate-limited per session.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from typing import Any, cast
@@ -45,11 +50,21 @@ from openai_proxy import errors
 from openai_proxy import session as s
 from openai_proxy.config import Config
 from openai_proxy.functions import FunctionCaller
-from openai_proxy.telemetry import parse_trace_id
+from openai_proxy.telemetry import REDACTED, parse_trace_id, redact
 from openai_proxy.translate import messages as m
 from openai_proxy.wsclose import cancel_close_handshake_timer
 
 _log = Logger(namespace="openai_proxy")
+
+#: The close reason (with code 1008) of a client dropped for leaving the daemon's output unread.
+CLIENT_NOT_READING = "CLIENT_NOT_READING"
+
+#: Seconds a closing client has to finish the closing handshake before its connection is dropped.
+CLOSE_TIMEOUT = 2.0
+
+#: Client-bound messages whose text may quote what a peer said (an upstream error message): their
+#: strings are scrubbed of secrets on the way out.
+_SCRUBBED_TYPES = frozenset({"Error", "Warning"})
 
 #: Events queued for an upstream that is not open yet.  Only control events wait there (audio is held,
 #: bounded, by the session until the upstream confirmed the configuration), so this is generous.
@@ -72,25 +87,150 @@ def _safe_type(message: Any) -> str | None:
 
 
 @implementer(IPushProducer)
-class _PauseRelay:
+class _WriteWatch:
     """
-    Pauses reading on one transport while the other cannot keep up with writing.
-
-    ``stopProducing`` does nothing: closes are the relay's business, so that the client still gets its
-    ``Error`` when the upstream leaves.
+    Registered as the push producer of one leg's transport, so that the transport says when its write
+    buffer backs up (``pauseProducing``: above Twisted's high-water mark, 64 KiB) and when it has drained
+    (``resumeProducing``).  ``stopProducing`` does nothing: closes are the relay's business, so that the
+    client still gets its ``Error`` when the upstream leaves.
     """
 
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
+    def __init__(self, flow: _Flow, leg: str) -> None:
+        self._flow = flow
+        self._leg = leg
 
     def pauseProducing(self) -> None:
-        self._transport.pauseProducing()
+        self._flow.backed_up(self._leg, True)
 
     def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
+        self._flow.backed_up(self._leg, False)
 
     def stopProducing(self) -> None:
         pass
+
+
+class _Flow:
+    """
+    Backpressure of one session, both ways (SPEC §7: memory per session stays bounded whatever a peer does).
+
+    - The client's output backs up (it does not read): reading pauses on **both** legs, the client's
+      (nothing it sends can add work) and the upstream's (nothing more to forward).
+    - The upstream's output backs up: reading from the client pauses.
+
+    Reading resumes as soon as no backed-up output asks for the pause any more.  A leg whose output has
+    stayed backed up for ``stall_timeout`` seconds is reported to ``on_stall(leg)``, once per backup.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, stall_timeout: float, on_stall: Callable[[str], None]
+    ) -> None:
+        self._clock = clock
+        self._stall_timeout = stall_timeout
+        self._on_stall: Callable[[str], None] | None = on_stall
+        self._transports: dict[str, Any] = {}
+        self._backed_up = {"client": False, "upstream": False}
+        self._paused = {"client": False, "upstream": False}
+        self._stalls: dict[str, Any] = {}
+
+    def attach(self, leg: str, transport: Any) -> None:
+        """Watch ``transport``'s write buffer and let the flow pause its reading."""
+        # Under twisted.web the taken-over transport still has the HTTP channel registered as its producer.
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        self._transports[leg] = transport
+        transport.registerProducer(_WriteWatch(self, leg), True)
+        self._apply()
+
+    def detach(self) -> None:
+        """The session is over: forget the transports and stop the stall timers (breaks the cycles)."""
+        for leg in list(self._stalls):
+            self._cancel_stall(leg)
+        self._transports.clear()
+        self._on_stall = None
+
+    def is_paused(self, leg: str) -> bool:
+        return self._paused[leg]
+
+    def backed_up(self, leg: str, value: bool) -> None:
+        if self._backed_up[leg] == value:
+            return
+        self._backed_up[leg] = value
+        if value:
+            self._stalls[leg] = self._clock.callLater(self._stall_timeout, self._stalled, leg)
+        else:
+            self._cancel_stall(leg)
+        self._apply()
+
+    def _apply(self) -> None:
+        want = {
+            "client": self._backed_up["client"] or self._backed_up["upstream"],
+            "upstream": self._backed_up["client"],
+        }
+        for leg, transport in self._transports.items():
+            if want[leg] == self._paused[leg]:
+                continue
+            self._paused[leg] = want[leg]
+            if getattr(transport, "disconnected", False):
+                continue
+            if want[leg]:
+                transport.pauseProducing()
+            else:
+                transport.resumeProducing()
+
+    def _cancel_stall(self, leg: str) -> None:
+        call = self._stalls.pop(leg, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _stalled(self, leg: str) -> None:
+        self._stalls.pop(leg, None)
+        if self._on_stall is not None:
+            self._on_stall(leg)
+
+
+class _FaultLog:
+    """
+    Per-session rate limit on log records a peer can cause at will (its bad messages, the errors they
+    earn): the first ``burst`` records of each ``interval`` seconds are written, the rest only counted,
+    and the count is written as one summary record when the next interval begins (or the session ends).
+    """
+
+    def __init__(self, clock: IReactorTime, burst: int = 10, interval: float = 60.0) -> None:
+        self._clock = clock
+        self._burst = burst
+        self._interval = interval
+        self._window_start = -interval
+        self._written = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        """Whether the next record may be written; may write the summary of the previous interval."""
+        now = self._clock.seconds()
+        if now - self._window_start >= self._interval:
+            self._window_start = now
+            self._written = 0
+        if self._written < self._burst:
+            self._written += 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        """How many records were suppressed since the last call."""
+        count, self.suppressed = self.suppressed, 0
+        return count
+
+
+def _release_autobahn(protocol: Any) -> None:
+    """
+    After ``connectionLost``: Autobahn resolves ``is_closed`` with the protocol itself (a reference
+    cycle) and leaves its close handshake timer running after the connection is gone.
+    """
+    protocol.is_closed = defer.succeed(None)
+    # Whatever was half received goes now, whoever still refers to the protocol.
+    protocol.data = b""
+    protocol.message_data = []
+    cancel_close_handshake_timer(protocol)
 
 
 def _no_delay(transport: Any) -> None:
@@ -100,13 +240,6 @@ def _no_delay(transport: Any) -> None:
         transport.setTcpNoDelay(True)
     except (AttributeError, OSError, NotImplementedError):
         pass
-
-
-def _glue(consumer_transport: Any, producer_transport: Any) -> None:
-    # Under twisted.web the taken-over transport still has the HTTPChannel registered as its producer.
-    if getattr(consumer_transport, "producer", None) is not None:
-        consumer_transport.unregisterProducer()
-    consumer_transport.registerProducer(_PauseRelay(producer_transport), True)
 
 
 # -- upstream ---------------------------------------------------------------------------------------
@@ -124,8 +257,10 @@ class UpstreamProtocol(WebSocketClientProtocol):
 
     def connectionLost(self, reason: Failure = internet_error.ConnectionDone) -> None:  # type: ignore[assignment]
         self._lost_reason = reason
-        super().connectionLost(reason)
-        cancel_close_handshake_timer(self)
+        try:
+            super().connectionLost(reason)
+        finally:
+            _release_autobahn(self)
 
     def onOpen(self) -> None:
         try:
@@ -167,7 +302,9 @@ class UpstreamLink:
     """
 
     def __init__(self, owner: ClientProtocol) -> None:
-        self._owner = owner
+        #: The client's protocol, until the link is closed (then nothing here holds the session).
+        self._owner: ClientProtocol | None = owner
+        self._log_fields = owner.log_fields
         self._queue: deque[dict[str, Any]] = deque()
         self._protocol: UpstreamProtocol | None = None
         self._connector: Any = None
@@ -193,7 +330,7 @@ class UpstreamLink:
         self._timeout = None
         if self._protocol is None and not self._closed:
             self._closed = True
-            self._owner.upstream_report(lambda session: session.upstream_timed_out())
+            self._report(lambda session: session.upstream_timed_out())
             self.close()
 
     def _cancel_timeout(self) -> None:
@@ -210,11 +347,11 @@ class UpstreamLink:
         _log.info(
             "upstream connection failed: {problem}",
             problem=failure.getErrorMessage(),
-            **self._owner.log_fields,
+            **self._log_fields,
         )
         if not self._closed:
             self._closed = True
-            self._owner.upstream_report(lambda session: session.upstream_unreachable())
+            self._report(lambda session: session.upstream_unreachable())
 
     def send(self, event: dict[str, Any]) -> None:
         if self._closed:
@@ -230,7 +367,8 @@ class UpstreamLink:
 
     def _write(self, event: dict[str, Any]) -> None:
         assert self._protocol is not None
-        self._owner.log_message("daemon->upstream", event)
+        if self._owner is not None:
+            self._owner.log_message("daemon->upstream", event)
         self._protocol.sendMessage(
             json.dumps(event, separators=(",", ":"), allow_nan=False).encode("utf-8"))
 
@@ -240,30 +378,32 @@ class UpstreamLink:
 
     def opened(self, protocol: UpstreamProtocol) -> None:
         self._cancel_timeout()
-        if self._closed:
+        owner = self._owner
+        if self._closed or owner is None:
             protocol.dropConnection(abort=True)
             return
         self._protocol = protocol
-        _glue(protocol.transport, self._owner.transport)
-        _glue(self._owner.transport, protocol.transport)
-        self._owner.upstream_opened()
+        if owner.flow is not None:
+            owner.flow.attach("upstream", protocol.transport)
+        owner.upstream_opened()
         self.gate.callback(protocol)
 
     def event(self, event: dict[str, Any]) -> None:
-        if not self._closed:
+        if not self._closed and self._owner is not None:
             self._owner.upstream_event(event)
 
     def protocol_problem(self, description: str) -> None:
         _log.warn(
             "upstream protocol problem: {problem}",
             problem=description,
-            **self._owner.log_fields,
+            **self._log_fields,
         )
 
     def closed(
         self, code: int | None, reason: str | None, status: int | None, lost: Failure | None
     ) -> None:
         self._cancel_timeout()
+        self._connector = None  # its result is the protocol, which holds this link
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         was_open = self._protocol is not None
@@ -276,22 +416,31 @@ class UpstreamLink:
             close_reason=reason or "",
             http_status=status,
             direction="upstream",
-            **self._owner.log_fields,
+            **self._log_fields,
         )
         if self._closed:
             return
         self._closed = True
-        self._owner.upstream_closed(s.UpstreamClosure(
-            was_open=was_open,
-            close_code=code,
-            http_status=status,
-            tls_failed=lost is not None and lost.check(SSL.Error) is not None,
-        ))
+        if self._owner is not None:
+            self._owner.upstream_closed(s.UpstreamClosure(
+                was_open=was_open,
+                close_code=code,
+                http_status=status,
+                tls_failed=lost is not None and lost.check(SSL.Error) is not None,
+            ))
+
+    def _notify_failed(self, code: str, description: str) -> None:
+        if self._owner is not None:
+            self._owner.upstream_failed(code, description)
+
+    def _report(self, report: Callable[[s.Session], list[s.Output]]) -> None:
+        if self._owner is not None:
+            self._owner.upstream_report(report)
 
     def _fail(self, code: str, description: str) -> None:
         if not self._closed:
             self._closed = True
-            self._owner.upstream_failed(code, description)
+            self._notify_failed(code, description)
 
     def close(self) -> None:
         """Release the upstream socket (idempotent)."""
@@ -305,12 +454,33 @@ class UpstreamLink:
             self._abort_call = protocol.factory.reactor.callLater(1.0, _abort, protocol)
         elif self._connector is not None and not self._connector.called:
             self._connector.cancel()
+        if not self.gate.called:
+            # Its callbacks hold the link: fire it so that nothing keeps the two alive.
+            self.gate.errback(Failure(internet_error.ConnectionClosed()))
+        # The upstream's connection objects may outlive the session until a collection (Twisted's
+        # connector and transport refer to each other): they must not keep the session alive.
+        self._owner = None
 
 
 def _abort(protocol: WebSocketClientProtocol) -> None:
     transport: Any = protocol.transport
     if transport is not None and getattr(transport, "connected", False):
         transport.abortConnection()
+
+
+class _UpstreamFactory(WebSocketClientFactory):
+    """The factory of one upstream connection: its protocol belongs to ``link``."""
+
+    protocol = UpstreamProtocol
+
+    def __init__(self, link: UpstreamLink, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.link = link
+
+    def buildProtocol(self, addr: Any) -> UpstreamProtocol:
+        protocol = cast(UpstreamProtocol, super().buildProtocol(addr))
+        protocol.link = self.link
+        return protocol
 
 
 class UpstreamConnector:
@@ -346,8 +516,7 @@ class UpstreamConnector:
         headers = {}
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
-        factory = WebSocketClientFactory(url, headers=headers, reactor=self.reactor)
-        factory.protocol = UpstreamProtocol
+        factory = _UpstreamFactory(link, url, headers=headers, reactor=self.reactor)
         factory.setProtocolOptions(
             # The link's own timer (same limit, started earlier) reports UPSTREAM_TIMEOUT first.
             openHandshakeTimeout=self.config.limits.handshake_timeout * 2,
@@ -357,12 +526,6 @@ class UpstreamConnector:
             maxFramePayloadSize=16 * 1024 * 1024,
         )
 
-        def build(addr: Any) -> UpstreamProtocol:
-            protocol: Any = WebSocketClientFactory.buildProtocol(factory, addr)
-            protocol.link = link
-            return cast(UpstreamProtocol, protocol)
-
-        factory.buildProtocol = build  # type: ignore[method-assign]
         if self._endpoint_factory is not None:
             return self._endpoint_factory(host, port, secure).connect(factory)
         endpoint: Any = HostnameEndpoint(
@@ -416,14 +579,38 @@ class ClientProtocol(WebSocketServerProtocol):
         self._timers: dict[Hashable, Any] = {}
         self._function_calls: set[defer.Deferred[str]] = set()
         self._gone = False
+        self.flow: _Flow | None = None
+        self._faults: _FaultLog | None = None
+        self._stall_abort: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         _no_delay(self.transport)
+        clock = self.factory.clock
+        self._faults = _FaultLog(clock)
+        self.flow = _Flow(clock, self.factory.config.limits.client_stall_timeout, self._stalled)
+        self.flow.attach("client", self.transport)
 
     def connectionLost(self, reason: Failure = internet_error.ConnectionDone) -> None:  # type: ignore[assignment]
-        super().connectionLost(reason)
-        cancel_close_handshake_timer(self)
+        try:
+            super().connectionLost(reason)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """
+        Break the references between this protocol, its flow, its link and its timers, so that the
+        session's memory goes with the reference counts, without waiting for a full collection.
+        """
+        if self.flow is not None:
+            self.flow.detach()
+        _release_autobahn(self)
+        if self._stall_abort is not None and self._stall_abort.active():
+            self._stall_abort.cancel()
+        self._stall_abort = None
+        if self._upstream is not None:
+            self._upstream.close()
+            self._upstream = None
 
     def onMessageFrameBegin(self, length: int) -> None:
         # The message size limit applies to what clients send; Autobahn's own option would also refuse
@@ -502,7 +689,8 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def _internal_error(self) -> None:
         """A bug met one input: log it, tell the client, and keep the session (and the process) going."""
-        _log.failure("internal error", **self.log_fields)
+        if self._faults is None or self._faults.allow():
+            _log.failure("internal error", **self.log_fields)
         if self.state == self.STATE_OPEN:
             self.sendMessage(json.dumps(m.error(
                 errors.INTERNAL_ERROR, "the daemon failed to handle a message; the session goes on"
@@ -529,7 +717,51 @@ class ClientProtocol(WebSocketServerProtocol):
             call.cancel()
         if self._upstream is not None:
             self._upstream.close()
+        self._summarise_faults()
         self.factory.registry.remove(self)
+
+    def _summarise_faults(self) -> None:
+        if self._faults is not None:
+            count = self._faults.take_suppressed()
+            if count:
+                _log.info(
+                    "{count} more client fault records of this session were not written",
+                    count=count,
+                    **self.log_fields,
+                )
+
+    def _stalled(self, leg: str) -> None:
+        if leg == "client":
+            self._not_reading()
+        elif not self._gone:
+            # The upstream has left the daemon's output unread as long: the session cannot go on.
+            _log.warn(
+                "upstream not reading for {seconds} s; ending the session",
+                seconds=self.factory.config.limits.client_stall_timeout,
+                **self.log_fields,
+            )
+            self.upstream_failed(errors.UPSTREAM_TIMEOUT, "the upstream stopped reading")
+
+    def _not_reading(self) -> None:
+        """The client left the daemon's output unread for ``client_stall_timeout``: drop it."""
+        if self._gone or self.transport is None:
+            return
+        limits = self.factory.config.limits
+        _log.warn(
+            "client not reading for {seconds} s; dropping it",
+            seconds=limits.client_stall_timeout,
+            error_code=CLIENT_NOT_READING,
+            **self.log_fields,
+        )
+        # The close frame waits behind the unread output: a client that reads again within the close
+        # timeout sees it, any other is cut off.
+        self.close_with(1008, CLIENT_NOT_READING)
+        self._stall_abort = self.factory.clock.callLater(CLOSE_TIMEOUT, self._abort_stalled)
+
+    def _abort_stalled(self) -> None:
+        self._stall_abort = None
+        if self.transport is not None:
+            self.dropConnection(abort=True)
 
     @property
     def log_fields(self) -> dict[str, Any]:
@@ -579,10 +811,13 @@ class ClientProtocol(WebSocketServerProtocol):
     def _carry_out(self, outputs: list[s.Output]) -> None:
         for output in outputs:
             if isinstance(output, s.SendClient):
-                self.factory.registry.count_client_message(output.message)
+                message = output.message
+                if message.get("type") in _SCRUBBED_TYPES:
+                    message = self.factory.scrub_message(message)
+                self.factory.registry.count_client_message(message)
                 if self.state == self.STATE_OPEN:
-                    self.log_message("daemon->client", output.message)
-                    self.sendMessage(json.dumps(output.message, allow_nan=False).encode("utf-8"),
+                    self.log_message("daemon->client", message)
+                    self.sendMessage(json.dumps(message, allow_nan=False).encode("utf-8"),
                                      isBinary=False)
             elif isinstance(output, s.SendClientAudio):
                 if self.state == self.STATE_OPEN:
@@ -610,6 +845,11 @@ class ClientProtocol(WebSocketServerProtocol):
                 if self._upstream is not None:
                     self._upstream.close()
             elif isinstance(output, s.Log):
+                if "error_code" in output.fields and self._faults is not None:
+                    # Records a peer can cause at will (its errors) are rate-limited per session.
+                    if not self._faults.allow():
+                        continue
+                    self._summarise_faults()
                 _level(output.level)(output.format, **self.log_fields, **output.fields)
 
     def _call_function(self, call: s.CallFunction) -> None:
@@ -649,6 +889,7 @@ class ClientProtocol(WebSocketServerProtocol):
         3000-4999, but RFC 6455's 1001 (going away) and 1011 (internal error) are the honest codes here.
         """
         if self.state == self.STATE_OPEN:
+            reason = self.factory.scrub(reason)
             reason_bytes = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
             self.sendCloseFrame(code=code, reasonUtf8=reason_bytes)
 
@@ -664,6 +905,11 @@ def _peek_type(text: str) -> str | None:
     except (ValueError, RecursionError):  # the session answers UNPARSABLE_CLIENT_MESSAGE
         return None
     return _safe_type(message)
+
+
+#: Distinct (type, code) pairs ``/metrics`` counts separately; the rest are counted as ``OTHER``.
+MAX_COUNTED_CODES = 100
+_LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
 class SessionRegistry(Service):
@@ -691,9 +937,18 @@ class SessionRegistry(Service):
         self.sessions_total += 1
 
     def count_client_message(self, message: dict[str, Any]) -> None:
-        """Count an ``Error`` or ``Warning`` on its way to a client (for ``/metrics``)."""
+        """
+        Count an ``Error`` or ``Warning`` on its way to a client (for ``/metrics``).  Codes become label
+        values: characters other than letters, digits, ``_``, ``.`` and ``-`` become ``_``, at most 64 are
+        kept, and past :data:`MAX_COUNTED_CODES` distinct codes the rest are counted as ``OTHER`` (an
+        upstream can send any code).
+        """
         if message.get("type") in ("Error", "Warning"):
-            self.client_errors[(message["type"], str(message.get("code")))] += 1
+            code = _LABEL_UNSAFE.sub("_", str(message.get("code")))[:64]
+            key = (message["type"], code)
+            if key not in self.client_errors and len(self.client_errors) >= MAX_COUNTED_CODES:
+                key = (message["type"], "OTHER")
+            self.client_errors[key] += 1
 
     def remove(self, protocol: ClientProtocol) -> None:
         self._sessions.discard(protocol)
@@ -753,7 +1008,10 @@ class ClientFactory(WebSocketServerFactory):
         self.config = config
         self.registry = registry
         self.connector = connector
+        #: The clock of the per-connection deadlines (the stall timer); tests replace it.
+        self.clock: IReactorTime = cast(IReactorTime, reactor)
         self.debug = config.log_level == "debug"
+        self._secrets = _secrets_of(config)
         self.session_options = s.SessionOptions(
             default_model=config.model,
             model_allowed=config.model_allowed,
@@ -767,7 +1025,7 @@ class ClientFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             maxFramePayloadSize=limits.max_message_bytes,
             openHandshakeTimeout=limits.handshake_timeout,
-            closeHandshakeTimeout=2.0,
+            closeHandshakeTimeout=CLOSE_TIMEOUT,
             # Refuse oversized messages with a close frame (1009) rather than a bare TCP drop.
             failByDrop=False,
             autoPingInterval=limits.ping_interval or 0,
@@ -775,3 +1033,28 @@ class ClientFactory(WebSocketServerFactory):
             # Browsers on file:// send Origin: null; this call resets the flag, so set it here.
             allowNullOrigin=True,
         )
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every credential masked: the configured key and client tokens, and anything the
+        log's masking recognises (OpenAI keys, ``Authorization`` values, bearer tokens, JWTs)."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return redact(text)
+
+    def scrub_message(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A copy of a client-bound message with its top-level strings scrubbed (see :meth:`scrub`)."""
+        return {
+            key: self.scrub(value) if isinstance(value, str) else value for key, value in message.items()
+        }
+
+
+#: Configured secrets shorter than this are not masked literally (a one-letter token would garble every
+#: text); the log's pattern masking still applies.
+_MIN_LITERAL_SECRET = 6
+
+
+def _secrets_of(config: Config) -> tuple[str, ...]:
+    secrets = [config.api_key or "", *config.client_tokens]
+    # Longest first, so that a token contained in another is not masked half.
+    return tuple(sorted((x for x in secrets if len(x) >= _MIN_LITERAL_SECRET), key=len, reverse=True))

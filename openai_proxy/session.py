@@ -592,6 +592,13 @@ class Session:
                 f"too many updates are waiting for the agent's reply to end; {ack.value[:-7]} dropped",
             )
             return
+        if len(self._in_flight_updates) >= MAX_WAITING_REQUESTS:
+            # Sent but not confirmed yet: each holds a whole plan (instructions up to 64 Ki characters).
+            self._error(
+                errors.TOO_MANY_REQUESTS,
+                f"too many updates are waiting for the upstream to confirm them; {ack.value[:-7]} dropped",
+            )
+            return
         self._queued_updates.append(_QueuedUpdate(ack, plan))
         self._pump()
 
@@ -685,6 +692,12 @@ class Session:
                             "too many messages are waiting for the session to be configured")
                 return
             self._held_injections.append(message.content)
+            return
+        if (len(self._user_echo) >= MAX_WAITING_REQUESTS
+                or len(self._scheduler.waiting) >= MAX_WAITING_REQUESTS):
+            # The upstream has not confirmed the earlier ones yet: the same limit as before Settings.
+            self._error(errors.TOO_MANY_REQUESTS,
+                        "too many messages are waiting for the upstream to take them")
             return
         self._inject_user_text(message.content)
 

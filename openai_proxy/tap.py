@@ -66,6 +66,10 @@ class Options(usage.Options):
                                               "may call [OPENAI_PROXY_FUNCTION_URL_PREFIXES; none: off]."],
         ["function-timeout", None, None, "Seconds a server-side function has to answer [10]."],
         ["function-max-response-bytes", None, None, "Largest server-side function answer [65536]."],
+        ["client-stall-timeout", None, None, "Seconds a client may leave the daemon's output unread "
+                                             "before it is dropped [30]."],
+        ["max-pending-connections", None, None, "Concurrent connections not yet upgraded to "
+                                                "WebSocket sessions [128]."],
     ]
 
     def __init__(self) -> None:
@@ -104,6 +108,45 @@ def _check_endpoints(descriptions: tuple[str, ...]) -> None:
             raise ConfigError(f"--listen: bad endpoint {description!r}: {e!r}") from None
 
 
+#: Descriptors kept for what the limits do not count: listening sockets, the log, function calls.
+DESCRIPTOR_MARGIN = 64
+
+
+def descriptors_needed(config: Config) -> int:
+    """Open files the limits may need at once: two per session (client, upstream), one per pending
+    connection, and a margin."""
+    limits = config.limits
+    return 2 * limits.max_sessions + limits.max_pending_connections + DESCRIPTOR_MARGIN
+
+
+def ensure_descriptors(config: Config, rlimit: Any = None) -> None:
+    """
+    Raise the soft open-files limit (``RLIMIT_NOFILE``) towards the hard one when the limits may need
+    more descriptors; when even the hard limit is too low, log a ``warn`` record saying what to change.
+    ``rlimit`` is the ``resource`` module (tests pass a stand-in).
+    """
+    if rlimit is None:
+        import resource as rlimit
+    needed = descriptors_needed(config)
+    soft, hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)
+    if soft == rlimit.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == rlimit.RLIM_INFINITY else min(hard, needed)
+    if target > soft:
+        try:
+            rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < needed:
+        _log.warn(
+            "the open-files limit ({limit}) is below the {needed} descriptors --max-sessions and "
+            "--max-pending-connections may need; raise LimitNOFILE or lower those limits",
+            limit=soft,
+            needed=needed,
+        )
+
+
 def _sd_notify(state: str) -> None:
     """Tell systemd (Type=notify) about our state, when it is listening."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -139,6 +182,7 @@ class DaemonService(MultiService):
             parent.setComponent(ILogObserver, self._log_observer)
 
     def startService(self) -> None:
+        ensure_descriptors(self.config)
         self.registry.startService()
         super().startService()
         _log.info(

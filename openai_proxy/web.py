@@ -6,13 +6,26 @@ The HTTP side: one ``twisted.web`` site serving the WebSocket routes and the hea
 - ``/healthz`` — 200 while the process runs; ``/readyz`` — 200 when sessions are accepted, 503 while draining;
 - ``/metrics`` — session and error counters in Prometheus' text format;
 - anything else — 404.
+
+Every connection starts as a *pending* connection (plain HTTP, or a request still arriving) and stops
+being one when it becomes a WebSocket session.  Pending connections are bounded both in number
+(``max_pending_connections``: at the limit the oldest is dropped to make room) and in time: a request
+must be complete within ``request_timeout`` seconds of the connection opening, or of the daemon's
+previous answer on it (a total deadline, which bytes trickling in do not extend); otherwise the daemon
+answers 408 and closes.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IProtocol
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -85,15 +98,173 @@ class _Metrics(Resource):
         return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-class _QuietSite(Site):
-    """A site that does not write an access-log line per request (health checks would flood the log)."""
+_log = Logger(namespace="openai_proxy")
+
+#: What a connection whose request did not arrive in time is told before it is closed.
+_REQUEST_TIMEOUT_BODY = b"the request did not arrive in time\n"
+_REQUEST_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_REQUEST_TIMEOUT_BODY), _REQUEST_TIMEOUT_BODY)
+)
+#: Seconds a connection told 408 has to go away before it is aborted.
+_ABORT_AFTER = 2.0
+
+
+class _PendingConnection(ProtocolWrapper):
+    """
+    Wraps each connection of the site while it is pending (not a WebSocket session yet): counts it and
+    runs its request deadline.  Once ``WebSocketResource`` has taken the transport over (it replaces
+    ``wrappedProtocol``), the connection stops being pending and this wrapper only relays bytes.
+    """
+
+    factory: _DaemonSite  # type: ignore[assignment]
+
+    def __init__(self, factory: _DaemonSite, wrapped: IProtocol) -> None:
+        super().__init__(factory, wrapped)  # type: ignore[arg-type]
+        self._http = wrapped
+        self.pending = True
+        #: Bytes received while pending.
+        self.received = 0
+        self._deadline: Any = None
+        self._abort: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.factory.pending_opened(self)
+        self._restart_deadline()
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.pending:
+            self.received += len(data)
+        super().dataReceived(data)
+        if self.pending and self.wrappedProtocol is not self._http:
+            self._upgraded()
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.pending and self.wrappedProtocol is self._http:
+            # An answer went out: the next request on this connection gets a deadline of its own.
+            self._restart_deadline()
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_pending()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self._abort = None
+        self._http = None  # type: ignore[assignment]
+        super().connectionLost(reason)
+
+    def drop(self) -> None:
+        """Make room for a newer connection: the oldest pending one goes at once."""
+        self._stop_pending()
+        transport: Any = self.transport
+        transport.abortConnection()
+
+    def _upgraded(self) -> None:
+        self._stop_pending()
+        self._http = None  # type: ignore[assignment]
+
+    def _stop_pending(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.factory.pending_closed(self)
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _restart_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(self.factory.request_timeout)
+        else:
+            self._deadline = self.factory.reactor.callLater(self.factory.request_timeout, self._expired)
+
+    def _expired(self) -> None:
+        self._deadline = None
+        self.factory.request_timeouts += 1
+        self._stop_pending()
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.write(_REQUEST_TIMEOUT_RESPONSE)
+        transport.loseConnection()
+        self._abort = self.factory.reactor.callLater(_ABORT_AFTER, transport.abortConnection)
+
+
+class _DaemonSite(Site):
+    """
+    The daemon's ``twisted.web`` site: no access-log line per request (health checks would flood the
+    log), and pending connections bounded in number and time (see the module docstring).
+    """
+
+    def __init__(self, resource: Resource, *, request_timeout: float, max_pending: int,
+                 **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.request_timeout = request_timeout
+        self.max_pending = max_pending
+        self._pending: OrderedDict[_PendingConnection, None] = OrderedDict()
+        #: Connections dropped to make room, and connections told 408, since the start.
+        self.pending_dropped = 0
+        self.request_timeouts = 0
+
+    @property
+    def pending(self) -> int:
+        """Connections open now that are not WebSocket sessions."""
+        return len(self._pending)
+
+    def pending_received(self) -> int:
+        """Bytes received so far by the pending connections (what their requests have grown to)."""
+        return sum(connection.received for connection in self._pending)
 
     def log(self, request: Any) -> None:
         pass
 
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if channel is None:
+            return None
+        return _PendingConnection(self, channel)
 
-def make_site(factory: ClientFactory, registry: SessionRegistry, timeout: float = 60.0) -> Site:
-    """The daemon's site: WebSocket routes, health endpoints, 404 elsewhere."""
+    def pending_opened(self, connection: _PendingConnection) -> None:
+        while len(self._pending) >= self.max_pending:
+            oldest, _ = self._pending.popitem(last=False)
+            self.pending_dropped += 1
+            if self.pending_dropped == 1 or self.pending_dropped % 100 == 0:
+                _log.warn(
+                    "{limit} connections are waiting to become sessions; dropping the oldest "
+                    "({count} dropped since the start)",
+                    limit=self.max_pending,
+                    count=self.pending_dropped,
+                )
+            oldest.pending = False
+            oldest.drop()
+        self._pending[connection] = None
+
+    def pending_closed(self, connection: _PendingConnection) -> None:
+        self._pending.pop(connection, None)
+
+    # ProtocolWrapper registers itself with its factory.
+    def registerProtocol(self, protocol: Any) -> None:
+        pass
+
+    def unregisterProtocol(self, protocol: Any) -> None:
+        pass
+
+
+def make_site(
+    factory: ClientFactory,
+    registry: SessionRegistry,
+    timeout: float = 60.0,
+    *,
+    request_timeout: float | None = None,
+    max_pending: int | None = None,
+) -> Site:
+    """
+    The daemon's site: WebSocket routes, health endpoints, 404 elsewhere.  ``request_timeout`` (default
+    ``timeout``) is the total deadline of each HTTP request, ``max_pending`` (default the factory's
+    ``max_pending_connections``) the limit on connections that are not sessions.
+    """
     root = Resource()
     websocket = WebSocketResource(factory)
     root.putChild(b"openai", websocket)
@@ -106,7 +277,13 @@ def make_site(factory: ClientFactory, registry: SessionRegistry, timeout: float 
     root.putChild(b"readyz", _Ready(registry))
     root.putChild(b"metrics", _Metrics(registry))
     # An HTTP connection idle for ``timeout`` before its upgrade is dropped (WebSocket sessions are not
-    # affected once they are open).
-    site = _QuietSite(root, timeout=timeout)
+    # affected once they are open); a request must also be complete within ``request_timeout``.
+    limits = factory.config.limits
+    site = _DaemonSite(
+        root,
+        timeout=timeout,
+        request_timeout=timeout if request_timeout is None else request_timeout,
+        max_pending=limits.max_pending_connections if max_pending is None else max_pending,
+    )
     site.displayTracebacks = False
     return site

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -115,6 +117,40 @@ class ConfigTests(SynchronousTestCase):
         config = build_config({}, {"OPENAI_API_KEY": "k", "OPENAI_PROXY_CLIENT_TOKENS": path},
                               cwd=self.dir)
         self.assertEqual(config.client_tokens, frozenset({"c"}))
+
+    def test_client_tokens_setting_with_no_token_is_refused(self) -> None:
+        # Only separators or blanks must never mean "client auth off".
+        for value in (",", " , ", ",,,", "   ", " ,\t, "):
+            with self.assertRaises(ConfigError) as e:
+                build_config({}, {"OPENAI_API_KEY": "k", "OPENAI_PROXY_CLIENT_TOKENS": value},
+                             cwd=self.dir)
+            self.assertTrue(str(e.exception).startswith("OPENAI_PROXY_CLIENT_TOKENS: "), value)
+            self.assertNotIn("\n", str(e.exception))
+        # The same value from a .env file.
+        self.write(".env", "OPENAI_PROXY_CLIENT_TOKENS=' , '\n")
+        with self.assertRaises(ConfigError):
+            build_config({}, {"OPENAI_API_KEY": "k"}, cwd=self.dir)
+        # A tokens file holding only comments and blanks is refused as well.
+        path = self.write("tokens", "# nobody\n\n   \n")
+        with self.assertRaises(ConfigError):
+            build_config({}, {"OPENAI_API_KEY": "k", "OPENAI_PROXY_CLIENT_TOKENS": path}, cwd=self.dir)
+        # Unset or empty still means no client authentication.
+        os.remove(os.path.join(self.dir, ".env"))
+        config = build_config({}, {"OPENAI_API_KEY": "k", "OPENAI_PROXY_CLIENT_TOKENS": ""}, cwd=self.dir)
+        self.assertEqual(config.client_tokens, frozenset())
+
+    def test_twistd_options_exit_78_with_one_line_naming_the_setting(self) -> None:
+        from openai_proxy.tap import Options
+
+        self.patch(os, "environ", {"OPENAI_API_KEY": "k", "OPENAI_PROXY_CLIENT_TOKENS": " , "})
+        self.patch(os, "getcwd", lambda: self.dir)
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as e:
+            Options().parseOptions([])
+        self.assertEqual(e.exception.code, 78)
+        [line] = stderr.getvalue().splitlines()
+        self.assertTrue(line.startswith("openai-proxy: configuration error: OPENAI_PROXY_CLIENT_TOKENS:"))
 
     def test_upstream_ca_must_be_a_pem_certificate(self) -> None:
         path = self.write("ca.pem", "not a certificate")
