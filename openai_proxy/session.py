@@ -341,7 +341,7 @@ class Session:
 
     def upstream_opened(self) -> list[Output]:
         self._upstream_open = True
-        self._log("info", "upstream open")
+        self._log("debug", "upstream open")
         return self._flush()
 
     def upstream_failed(self, code: str, description: str) -> list[Output]:

@@ -36,6 +36,9 @@ class Options(usage.Options):
     )
     optFlags = [
         ["simulator", None, "Serve with the built-in simulated upstream: no key, no network."],
+        ["no-query-token", None, "Refuse client tokens in the URL (?token=) [OPENAI_PROXY_QUERY_TOKEN=off]."],
+        ["demo", None, "Serve the browser demo page at /demo [OPENAI_PROXY_DEMO; on with --simulator]."],
+        ["no-demo", None, "Do not serve /demo, even with --simulator."],
     ]
     optParameters = [
         ["env-file", None, None, "The .env file to read (default: ./.env when present)."],
@@ -66,6 +69,10 @@ class Options(usage.Options):
                                               "may call [OPENAI_PROXY_FUNCTION_URL_PREFIXES; none: off]."],
         ["function-timeout", None, None, "Seconds a server-side function has to answer [10]."],
         ["function-max-response-bytes", None, None, "Largest server-side function answer [65536]."],
+        ["upstream-kind", None, None, "openai or azure [OPENAI_PROXY_UPSTREAM_KIND; azure when the "
+                                      "upstream URL is an Azure OpenAI host, else openai]."],
+        ["azure-ad-token-file", None, None, "Azure: file holding a Microsoft Entra token, re-read for "
+                                            "every session [AZURE_OPENAI_AD_TOKEN_FILE]."],
     ]
 
     def __init__(self) -> None:

@@ -88,6 +88,8 @@ class _Metrics(Resource):
 class _QuietSite(Site):
     """A site that does not write an access-log line per request (health checks would flood the log)."""
 
+    noisy = False
+
     def log(self, request: Any) -> None:
         pass
 

@@ -43,7 +43,7 @@ class Daemon:
               **config: Any) -> Any:
         limits = config.pop("limits", Limits(handshake_timeout=5.0, ping_interval=0))
         simulator_options = config.pop("simulator_options", {})
-        self.config = Config(api_key="sk-test-key", simulator=True, limits=limits, **config)
+        self.config = Config(**{"api_key": "sk-test-key", "simulator": True, "limits": limits, **config})
         if url_for is None:
             self.simulator_port, self.simulator = yield listen_simulator(
                 reactor, api_key="sk-test-key", **simulator_options
