@@ -269,6 +269,8 @@ class Session:
         #: Responses that ended or were interrupted: their audio is never forwarded (again).
         self._silenced_responses: deque[str] = deque(maxlen=32)
         self._agent_spoke = False
+        #: Responses interrupted by barge-in: their assistant text is never sent (docs/protocol.md).
+        self._untexted_responses: deque[str] = deque(maxlen=32)
         # turn state
         self._user_speaking = False
         self._turn_end: float | None = None
@@ -905,6 +907,7 @@ class Session:
         Stop the agent's current reply: no more of its audio reaches the client, and the upstream's
         memory of the item is cut to what the client could have heard.
         """
+        self._untext_interrupted_reply()
         if self._response is not None:
             self._silenced_responses.append(self._response.response_id)
             self._response.interrupted = True
@@ -930,6 +933,19 @@ class Session:
             self._output.discard_reply()
         self._audio_item = None
         self._last_audio_item = None
+
+    def _untext_interrupted_reply(self) -> None:
+        """
+        The reply being interrupted gets no assistant ``ConversationText`` (nor ``History``) from now on:
+        it would reach the client after ``UserStartedSpeaking`` / the user's text, which Deepgram never
+        does and which clients read as a new reply.  (docs/protocol.md, "Barge-in".)
+        """
+        for response_id in (
+            self._response.response_id if self._response is not None else None,
+            self._audio_item.response_id if self._audio_item is not None else None,
+        ):
+            if response_id is not None and response_id not in self._untexted_responses:
+                self._untexted_responses.append(response_id)
 
     # -- upstream input -----------------------------------------------------------------------------
 
@@ -1018,6 +1034,8 @@ class Session:
 
     def _on_speech_started(self, event: dict[str, Any]) -> None:
         self._user_speaking = True
+        # Server VAD interrupts a reply that is still being generated, audio or not.
+        self._untext_interrupted_reply()
         self._client(m.simple("UserStartedSpeaking"))
         if self._audio_item is not None or self._last_audio_item is not None:
             # Server VAD cancels the response itself (interrupt_response is on).
@@ -1079,8 +1097,9 @@ class Session:
         if round_ is not None:
             round_.response_ended = True
             self._maybe_follow_up(round_)
-        for item in response.get("output") or []:
-            self._emit_assistant_text_from_item(item)
+        if response_id not in self._untexted_responses:
+            for item in response.get("output") or []:
+                self._emit_assistant_text_from_item(item)
         self._pump()
 
     def _first_agent_text(self) -> None:
@@ -1139,6 +1158,8 @@ class Session:
         text = event.get("transcript")
         if text is None:
             text = event.get("text")
+        if event.get("response_id") in self._untexted_responses:
+            return
         self._assistant_text(event["item_id"], text)
 
     def _assistant_text(self, item_id: str, text: Any) -> None:
@@ -1160,6 +1181,8 @@ class Session:
                     return
 
     def _on_output_item_done(self, event: dict[str, Any]) -> None:
+        if event.get("response_id") in self._untexted_responses:
+            return
         self._emit_assistant_text_from_item(event.get("item"))
 
     def _on_function_arguments_done(self, event: dict[str, Any]) -> None:
