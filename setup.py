@@ -14,11 +14,15 @@ setup(
         "openai_proxy",
         "openai_proxy.translate",
         "openai_proxy.simulator",
+        "openai_proxy.demo",
         "openai_proxy.tests",
         "twisted.plugins",
     ],
     include_package_data=False,
-    package_data={"openai_proxy.tests": ["data/*.jsonl"]},
+    package_data={
+        "openai_proxy.tests": ["data/*.jsonl"],
+        "openai_proxy.demo": ["*.html", "*.js", "*.css"],
+    },
     install_requires=[
         "twisted[tls]>=24.7",
         "autobahn>=24.4",

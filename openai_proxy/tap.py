@@ -233,7 +233,7 @@ def build_service(config: Config, reactor: Any, log_observer: Any = None) -> Dae
         )
         _Closer(caller.close).setServiceParent(root)
     factory = ClientFactory(reactor, config, registry, connector, caller)
-    site = make_site(factory, registry, timeout=config.limits.handshake_timeout)
+    site = make_site(factory, registry, timeout=config.limits.handshake_timeout, demo=config.demo)
     for description in config.listen:
         strports.service(description, site, reactor=reactor).setServiceParent(root)
     return root

@@ -5,6 +5,7 @@ The HTTP side: one ``twisted.web`` site serving the WebSocket routes and the hea
 - ``/openai`` — the older path of the daemon this replaces;
 - ``/healthz`` — 200 while the process runs; ``/readyz`` — 200 when sessions are accepted, 503 while draining;
 - ``/metrics`` — session and error counters in Prometheus' text format;
+- ``/demo`` — the browser demo page, when enabled (``--demo``, on by default with ``--simulator``);
 - anything else — 404.
 """
 
@@ -94,8 +95,10 @@ class _QuietSite(Site):
         pass
 
 
-def make_site(factory: ClientFactory, registry: SessionRegistry, timeout: float = 60.0) -> Site:
-    """The daemon's site: WebSocket routes, health endpoints, 404 elsewhere."""
+def make_site(
+    factory: ClientFactory, registry: SessionRegistry, timeout: float = 60.0, demo: bool = False
+) -> Site:
+    """The daemon's site: WebSocket routes, health endpoints, the demo page when ``demo``, 404 elsewhere."""
     root = Resource()
     websocket = WebSocketResource(factory)
     root.putChild(b"openai", websocket)
@@ -107,6 +110,10 @@ def make_site(factory: ClientFactory, registry: SessionRegistry, timeout: float 
     root.putChild(b"healthz", _Health())
     root.putChild(b"readyz", _Ready(registry))
     root.putChild(b"metrics", _Metrics(registry))
+    if demo:
+        from openai_proxy.demo import DemoResource
+
+        root.putChild(b"demo", DemoResource())
     # An HTTP connection idle for ``timeout`` before its upgrade is dropped (WebSocket sessions are not
     # affected once they are open).
     site = _QuietSite(root, timeout=timeout)

@@ -63,7 +63,7 @@ class Daemon:
                 prefixes=self.config.function_url_prefixes,
             )
         self.factory = ClientFactory(reactor, self.config, self.registry, connector, self.caller)
-        site = make_site(self.factory, self.registry)
+        site = make_site(self.factory, self.registry, demo=self.config.demo)
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         return self
 

@@ -701,3 +701,44 @@ class MetricsTests(HttpTests):
         self.assertIn("openai_proxy_sessions_total 1\n", text)
         self.assertIn('openai_proxy_client_errors_total{type="Error",code="UNSUPPORTED_CLIENT_MESSAGE"} 1',
                       text)
+
+
+class DemoPageTests(_DaemonTestCase):
+    """``GET /demo``: the browser demo's files from package data, each with its content type."""
+
+    @defer.inlineCallbacks
+    def fetch(self, path: str, method: bytes = b"GET") -> Any:
+        assert self.daemon.port is not None
+        response = yield Agent(reactor).request(
+            method, f"http://127.0.0.1:{self.daemon.port.getHost().port}{path}".encode())
+        body = yield readBody(response)
+        return response.code, response.headers, body
+
+    @defer.inlineCallbacks
+    def test_files_and_content_types(self) -> None:
+        yield self.start(demo=True)
+        for path, content_type, marker in [
+            ("/demo", "text/html; charset=utf-8", b'<script src="/demo/demo.js">'),
+            ("/demo/", "text/html; charset=utf-8", b'id="talk"'),
+            ("/demo/demo.js", "text/javascript; charset=utf-8", b"/v1/agent/converse"),
+            ("/demo/mic-worklet.js", "text/javascript; charset=utf-8", b"registerProcessor"),
+            ("/demo/demo.css", "text/css; charset=utf-8", b"#talk"),
+        ]:
+            code, headers, body = yield self.fetch(path)
+            self.assertEqual(code, 200, path)
+            self.assertEqual(headers.getRawHeaders(b"content-type"), [content_type.encode()], path)
+            self.assertEqual(headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
+            self.assertIn(marker, body, path)
+        code, headers, body = yield self.fetch("/demo/demo.js", b"HEAD")
+        self.assertEqual((code, body), (200, b""))
+        for path in ["/demo/__init__.py", "/demo/demo.js/x", "/demo/../web.py", "/demo/nope.js",
+                     "/demo/index.html/"]:
+            code, _, _ = yield self.fetch(path)
+            self.assertEqual(code, 404, path)
+
+    @defer.inlineCallbacks
+    def test_off_unless_enabled(self) -> None:
+        yield self.start()
+        for path in ["/demo", "/demo/demo.js"]:
+            code, _, _ = yield self.fetch(path)
+            self.assertEqual(code, 404, path)
