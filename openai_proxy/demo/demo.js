@@ -213,7 +213,9 @@
   async function startMicrophone() {
     const ctx = audioContext();
     const stream = await navigator.mediaDevices.getUserMedia({
-      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+      // Echo cancellation keeps the agent from hearing itself through the speakers; noise suppression
+      // is left to the upstream (it would also flatten the simulator's tone words).
+      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: false, autoGainControl: false },
     });
     await ctx.audioWorklet.addModule("/demo/mic-worklet.js");
     const source = ctx.createMediaStreamSource(stream);
