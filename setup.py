@@ -43,11 +43,14 @@ setup(
             "openai>=2.0",
             "deepgram-sdk>=7.17",
             "hypothesis>=6.100",
+            # Drives the system's Chromium in tests/test_browser.py (never downloads a browser).
+            "playwright>=1.40",
         ],
         "dev": [
             "openai>=2.0",
             "deepgram-sdk>=7.17",
             "hypothesis>=6.100",
+            "playwright>=1.40",
             "mypy>=1.10",
             "mypy-zope>=1.0",
             "ruff>=0.5",
