@@ -101,6 +101,15 @@ def _no_delay(transport: Any) -> None:
         pass
 
 
+def _release_close_timer(protocol: Any) -> None:
+    """Cancel the closing-handshake timer of a connection that is gone (Autobahn leaves it armed until
+    it fires, holding the session's state for up to a second longer)."""
+    call = getattr(protocol, "closeHandshakeTimeoutCall", None)
+    if call is not None:
+        protocol.closeHandshakeTimeoutCall = None
+        call.cancel()
+
+
 def _glue(consumer_transport: Any, producer_transport: Any) -> None:
     # Under twisted.web the taken-over transport still has the HTTPChannel registered as its producer.
     if getattr(consumer_transport, "producer", None) is not None:
@@ -124,6 +133,7 @@ class UpstreamProtocol(WebSocketClientProtocol):
     def connectionLost(self, reason: Failure = internet_error.ConnectionDone) -> None:  # type: ignore[assignment]
         self._lost_reason = reason
         super().connectionLost(reason)
+        _release_close_timer(self)
 
     def onOpen(self) -> None:
         try:
@@ -454,6 +464,10 @@ class ClientProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         _no_delay(self.transport)
+
+    def connectionLost(self, reason: Failure = internet_error.ConnectionDone) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
+        _release_close_timer(self)
 
     def onMessageFrameBegin(self, length: int) -> None:
         # The message size limit applies to what clients send; Autobahn's own option would also refuse
