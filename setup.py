@@ -14,11 +14,15 @@ setup(
         "openai_proxy",
         "openai_proxy.translate",
         "openai_proxy.simulator",
+        "openai_proxy.demo",
         "openai_proxy.tests",
         "twisted.plugins",
     ],
     include_package_data=False,
-    package_data={"openai_proxy.tests": ["data/*.jsonl"]},
+    package_data={
+        "openai_proxy.tests": ["data/*.jsonl"],
+        "openai_proxy.demo": ["*.html", "*.js", "*.css"],
+    },
     install_requires=[
         "twisted[tls]>=24.7",
         "autobahn>=24.4",
@@ -39,11 +43,14 @@ setup(
             "openai>=2.0",
             "deepgram-sdk>=7.17",
             "hypothesis>=6.100",
+            # Drives the system's Chromium in tests/test_browser.py (never downloads a browser).
+            "playwright>=1.40",
         ],
         "dev": [
             "openai>=2.0",
             "deepgram-sdk>=7.17",
             "hypothesis>=6.100",
+            "playwright>=1.40",
             "mypy>=1.10",
             "mypy-zope>=1.0",
             "ruff>=0.5",

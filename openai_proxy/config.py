@@ -88,6 +88,22 @@ class Config:
     #: URL prefixes server-side functions may call; empty means the feature is off.
     function_url_prefixes: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    #: Whether a client may present its token as a ``token`` query parameter (SPEC §7).
+    query_token: bool = True
+    #: Whether ``GET /demo`` serves the browser demo page.
+    demo: bool = False
+    #: ``openai`` or ``azure``: the upstream's URL and authentication shape (docs/azure.md).
+    upstream_kind: str = "openai"
+    #: Azure only: a file holding a Microsoft Entra access token, read again for every upstream connection.
+    azure_ad_token_file: str | None = None
+
+    def upstream_headers(self) -> dict[str, str]:
+        """
+        The upstream WebSocket upgrade's authentication header: ``Authorization: Bearer <key>`` for OpenAI;
+        for Azure OpenAI, ``api-key: <key>`` or, with an Entra token file, ``Authorization: Bearer <token>``.
+        An unreadable or empty token file gives no header (the upstream then refuses: UPSTREAM_AUTH_FAILED).
+        """
+        return upstream_auth_headers(self)
 
     def model_allowed(self, name: str) -> bool:
         """Whether a client's Settings may choose the realtime model ``name``."""
@@ -109,6 +125,37 @@ class Config:
             f"model={self.model!r}, simulator={self.simulator!r}, "
             f"client_tokens={len(self.client_tokens)} configured)"
         )
+
+
+UPSTREAM_KINDS = ("openai", "azure")
+#: Host name endings of Azure OpenAI / Azure AI Foundry endpoints (an ``--upstream-url`` there selects Azure).
+AZURE_HOST_SUFFIXES = (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com")
+
+
+def upstream_auth_headers(config: Config) -> dict[str, str]:
+    """See :meth:`Config.upstream_headers`."""
+    if config.upstream_kind == "azure":
+        if config.azure_ad_token_file:
+            try:
+                with open(config.azure_ad_token_file, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except OSError:
+                token = ""
+            return {"Authorization": f"Bearer {token}"} if token else {}
+        return {"api-key": config.api_key} if config.api_key else {}
+    return {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+
+
+def _switch(value: Any, setting: str) -> bool:
+    """An on/off setting: ``1/true/yes/on`` or ``0/false/no/off`` (any case)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{setting}: expected on or off, got {value!r}")
 
 
 def _read_secret_file(path: str, setting: str) -> str:
@@ -207,13 +254,21 @@ def build_config(
         return None
 
     simulator = bool(options.get("simulator"))
+    upstream_kind, azure_ad_token_file = _upstream_kind(options, env, pick)
 
     api_key: str | None
     if options.get("api-key-file"):
         api_key = _read_secret_file(options["api-key-file"], "--api-key-file")
+    elif upstream_kind == "azure":
+        api_key = env.get("AZURE_OPENAI_API_KEY") or env.get("OPENAI_API_KEY") or None
     else:
         api_key = env.get("OPENAI_API_KEY") or None
-    if api_key is None and not simulator:
+    if upstream_kind == "azure" and api_key is None and azure_ad_token_file is None and not simulator:
+        raise ConfigError(
+            "AZURE_OPENAI_API_KEY: no Azure OpenAI credential configured (set AZURE_OPENAI_API_KEY, "
+            "use --api-key-file, or --azure-ad-token-file for a Microsoft Entra token)"
+        )
+    if api_key is None and upstream_kind == "openai" and not simulator:
         raise ConfigError(
             "OPENAI_API_KEY: no OpenAI key configured (set OPENAI_API_KEY, use --api-key-file, "
             "or run with --simulator)"
@@ -237,6 +292,9 @@ def build_config(
     model = pick("model", "OPENAI_REALTIME_MODEL") or DEFAULT_MODEL
     allowed_raw = pick("allowed-models", "OPENAI_PROXY_ALLOWED_MODELS")
     allowed = _split_list(allowed_raw) if allowed_raw else DEFAULT_ALLOWED_MODELS
+    if upstream_kind == "azure" and not allowed_raw:
+        # Azure models are deployments named by the operator: clients get the configured one.
+        allowed = (model,)
     if not allowed:
         raise ConfigError("--allowed-models: the list is empty")
 
@@ -323,5 +381,53 @@ def build_config(
         upstream_ca=upstream_ca,
         function_url_prefixes=function_url_prefixes,
         limits=limits,
+        **_client_facing(options, env, simulator),
+        upstream_kind=upstream_kind,
+        azure_ad_token_file=azure_ad_token_file,
     )
+
+
+def _client_facing(options: Mapping[str, Any], env: Mapping[str, str], simulator: bool) -> dict[str, bool]:
+    """``query_token`` (``--no-query-token``, ``OPENAI_PROXY_QUERY_TOKEN``) and ``demo`` (``--demo``,
+    ``--no-demo``, ``OPENAI_PROXY_DEMO``; on by default with ``--simulator``)."""
+    query_token = True
+    if options.get("no-query-token"):
+        query_token = False
+    elif env.get("OPENAI_PROXY_QUERY_TOKEN", "").strip():
+        query_token = _switch(env["OPENAI_PROXY_QUERY_TOKEN"], "OPENAI_PROXY_QUERY_TOKEN")
+    demo = simulator
+    if options.get("no-demo"):
+        demo = False
+    elif options.get("demo"):
+        demo = True
+    elif env.get("OPENAI_PROXY_DEMO", "").strip():
+        demo = _switch(env["OPENAI_PROXY_DEMO"], "OPENAI_PROXY_DEMO")
+    return {"query_token": query_token, "demo": demo}
+
+
+def _upstream_kind(
+    options: Mapping[str, Any], env: Mapping[str, str], pick: Any
+) -> tuple[str, str | None]:
+    """The upstream kind (``--upstream-kind``, ``OPENAI_PROXY_UPSTREAM_KIND``; by default ``azure`` when
+    the upstream URL's host is an Azure OpenAI endpoint) and the Entra token file (Azure only)."""
+    kind = pick("upstream-kind", "OPENAI_PROXY_UPSTREAM_KIND")
+    if kind:
+        kind = str(kind).strip().lower()
+        if kind not in UPSTREAM_KINDS:
+            raise ConfigError(f"--upstream-kind: {kind!r} is not one of {', '.join(UPSTREAM_KINDS)}")
+    else:
+        url = pick("upstream-url", "OPENAI_REALTIME_URL") or DEFAULT_UPSTREAM_URL
+        host = (urlsplit(url).hostname or "").lower()
+        kind = "azure" if host.endswith(AZURE_HOST_SUFFIXES) else "openai"
+    if kind == "azure" and not pick("upstream-url", "OPENAI_REALTIME_URL"):
+        raise ConfigError(
+            "--upstream-url: Azure OpenAI needs the resource's URL, "
+            "e.g. wss://RESOURCE.openai.azure.com/openai/v1/realtime"
+        )
+    token_file = pick("azure-ad-token-file", "AZURE_OPENAI_AD_TOKEN_FILE")
+    if token_file:
+        if kind != "azure":
+            raise ConfigError("--azure-ad-token-file: only used with --upstream-kind azure")
+        _read_secret_file(token_file, "--azure-ad-token-file")
+    return kind, token_file or None
 

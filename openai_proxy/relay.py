@@ -410,7 +410,8 @@ class UpstreamLink:
         self._protocol = None
         if not self.gate.called:
             self.gate.errback(Failure(internet_error.ConnectionClosed()))
-        _log.info(
+        # When the daemon closed it (the client left), the client's close line already tells the story.
+        (_log.debug if self._closed else _log.info)(
             "upstream closed {close_code} {close_reason} (http status {http_status})",
             close_code=code,
             close_reason=reason or "",
@@ -513,10 +514,10 @@ class UpstreamConnector:
         host = parts.hostname or ""
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
-        headers = {}
-        if self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        headers = self.config.upstream_headers()
         factory = _UpstreamFactory(link, url, headers=headers, reactor=self.reactor)
+        # One factory per session: its "Starting factory" / "Stopping factory" lines are noise.
+        factory.noisy = False
         factory.setProtocolOptions(
             # The link's own timer (same limit, started earlier) reports UPSTREAM_TIMEOUT first.
             openHandshakeTimeout=self.config.limits.handshake_timeout * 2,
@@ -541,8 +542,12 @@ class UpstreamConnector:
 # -- client -----------------------------------------------------------------------------------------
 
 
-def _credential(request: ConnectionRequest) -> tuple[str | None, str | None]:
-    """The client's token and the subprotocol to answer with (browsers send ``token, <t>``)."""
+def _credential(request: ConnectionRequest, query_token: bool = True) -> tuple[str | None, str | None]:
+    """
+    The client's token and the subprotocol to answer with, first found of: ``Authorization: Token|Bearer
+    <t>``, ``Sec-WebSocket-Protocol: token|bearer, <t>`` (browsers), the ``token`` query parameter (the
+    React component's proxy mode; only when ``query_token``).  SPEC §7.
+    """
     header = request.headers.get("authorization")
     if isinstance(header, str):
         scheme, _, value = header.strip().partition(" ")
@@ -551,7 +556,21 @@ def _credential(request: ConnectionRequest) -> tuple[str | None, str | None]:
     protocols = [p.strip() for p in (request.protocols or [])]
     if len(protocols) >= 2 and protocols[0].lower() in ("token", "bearer"):
         return protocols[1], protocols[0]
+    if query_token:
+        return _query_token(request), None
     return None, None
+
+
+def _query_token(request: ConnectionRequest) -> str | None:
+    """The ``token`` query parameter (its first non-empty value), or None."""
+    values = (request.params or {}).get("token") or []
+    return next((v.strip() for v in values if isinstance(v, str) and v.strip()), None)
+
+
+def _refusal_reason(request: ConnectionRequest, query_token: bool) -> str:
+    if not query_token and _query_token(request) is not None:
+        return "tokens in the URL are not accepted here; use the Authorization header or the subprotocol"
+    return "a valid token is required"
 
 
 def token_matches(presented: str | None, tokens: frozenset[str]) -> bool:
@@ -637,19 +656,31 @@ class ClientProtocol(WebSocketServerProtocol):
         if registry.draining:
             raise ConnectionDeny(503, "the server is shutting down")
         if len(registry) >= self.factory.config.limits.max_sessions:
-            _log.warn("session limit reached; refusing a client")
             raise ConnectionDeny(503, "too many sessions")
-        token, subprotocol = _credential(request)
+        token, subprotocol = _credential(request, self.factory.config.query_token)
         tokens = self.factory.config.client_tokens
         if tokens and not token_matches(token, tokens):
-            _log.info("client refused: missing or wrong token")
-            raise ConnectionDeny(401, "a valid token is required")
+            raise ConnectionDeny(401, _refusal_reason(request, self.factory.config.query_token))
         query_trace = request.params.get("traceId", [None])[0] if request.params else None
         self.trace_id = parse_trace_id(query_trace, request.headers.get("traceparent"))
         if subprotocol is None:
             offered = [p.strip() for p in (request.protocols or [])]
             subprotocol = next((p for p in offered if p.lower() in ("token", "bearer")), None)
         return subprotocol
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """
+        Refuse the upgrade with an HTTP error, logged as one line: ``client refused (HTTP <code>):
+        <reason>`` (Autobahn's own two lines per refusal are left out).
+        """
+        level = _log.warn if code == 503 and not self.factory.registry.draining else _log.info
+        level("client refused (HTTP {http_status}): {reason}", http_status=code, reason=reason,
+              peer=self.peer)
+        self.wasNotCleanReason = reason
+        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        # A refusal is a complete HTTP exchange, not an unclean WebSocket close.
+        self.wasClean = True
+        self.dropConnection(abort=False)
 
     def onOpen(self) -> None:
         if self._gone:

@@ -209,6 +209,8 @@ class Session:
         self._input: InputConverter | None = None
         self._output: OutputConverter | None = None
         self._batcher: AppendBatcher | None = None
+        #: Responses interrupted by barge-in: their assistant text is never sent (docs/protocol.md).
+        self._untexted_responses: deque[str] = deque(maxlen=32)
         # turn state
         self._user_speaking = False
         #: When the user's turn ended (latency reference for AgentStartedSpeaking).
@@ -275,7 +277,7 @@ class Session:
 
     def upstream_opened(self) -> list[Output]:
         self._upstream_open = True
-        self._log("info", "upstream open")
+        self._log("debug", "upstream open")
         return self._flush()
 
     def upstream_failed(self, code: str, description: str) -> list[Output]:
@@ -856,12 +858,24 @@ class Session:
         Stop the agent's current reply: no more of its audio reaches the client, and the upstream's
         memory of it is cut to what the client could have heard (SPEC §6).
         """
+        self._untext_interrupted_reply()
         if cancel:
             event_id = self._scheduler.cancel()
             if event_id is not None:
                 self._housekeeping.append(event_id)
         if self._replies is not None:
             self._housekeeping.extend(self._replies.barge_in(self._scheduler.active_id))
+
+    def _untext_interrupted_reply(self) -> None:
+        """
+        The reply being interrupted gets no assistant ``ConversationText`` (nor ``History``) from now on:
+        it would reach the client after ``UserStartedSpeaking`` / the user's text, which Deepgram never
+        does and which clients read as a new reply.  (docs/protocol.md, "Barge-in".)
+        """
+        playing = self._replies.response_id if self._replies is not None else None
+        for response_id in (self._scheduler.active_id, playing):
+            if response_id is not None and response_id not in self._untexted_responses:
+                self._untexted_responses.append(response_id)
 
     # -- upstream input -----------------------------------------------------------------------------
 
@@ -932,6 +946,8 @@ class Session:
 
     def _on_speech_started(self, event: up.SpeechStarted) -> None:
         self._user_speaking = True
+        # Server VAD interrupts a reply that is still being generated, audio or not.
+        self._untext_interrupted_reply()
         self._client(m.simple("UserStartedSpeaking"))
         if self._replies is not None and (self._replies.items or self._replies.announced):
             # Server VAD cancels the response itself (interrupt_response is on).
@@ -986,7 +1002,7 @@ class Session:
         round_ = self._calls.response_ended(response_id, completed, self._endpoint_of)
         for item in event.output:
             if item.item_type == "message" and item.role == "assistant" and item.text:
-                self._assistant_text(item.item_id, item.text)
+                self._assistant_text(event.response_id, item.item_id, item.text)
         self._report_status(event)
         if round_ is not None:
             self._maybe_follow_up(round_)
@@ -1056,10 +1072,11 @@ class Session:
     def _on_text_done(self, event: up.TextDone) -> None:
         self._scheduler.activity()
         self._first_agent_text()
-        self._assistant_text(event.item_id, event.text)
+        self._assistant_text(event.response_id, event.item_id, event.text)
 
-    def _assistant_text(self, item_id: str, text: str) -> None:
-        if item_id in self._texted_items or not text.strip():
+    def _assistant_text(self, response_id: str, item_id: str, text: str) -> None:
+        if (item_id in self._texted_items or not text.strip()
+                or response_id in self._untexted_responses):
             return
         self._texted_items.add(item_id)
         self._conversation_text("assistant", text.strip())
@@ -1068,7 +1085,7 @@ class Session:
         self._scheduler.activity()
         item = event.item
         if item.item_type == "message" and item.role == "assistant" and item.text:
-            self._assistant_text(item.item_id, item.text)
+            self._assistant_text(event.response_id, item.item_id, item.text)
         elif item.item_type == "function_call":
             self._calls.item_done(item.call_id, item.status, item.name, item.arguments,
                                   self._endpoint_of)

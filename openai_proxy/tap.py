@@ -36,6 +36,9 @@ class Options(usage.Options):
     )
     optFlags = [
         ["simulator", None, "Serve with the built-in simulated upstream: no key, no network."],
+        ["no-query-token", None, "Refuse client tokens in the URL (?token=) [OPENAI_PROXY_QUERY_TOKEN=off]."],
+        ["demo", None, "Serve the browser demo page at /demo [OPENAI_PROXY_DEMO; on with --simulator]."],
+        ["no-demo", None, "Do not serve /demo, even with --simulator."],
     ]
     optParameters = [
         ["env-file", None, None, "The .env file to read (default: ./.env when present)."],
@@ -70,6 +73,10 @@ class Options(usage.Options):
                                              "before it is dropped [30]."],
         ["max-pending-connections", None, None, "Concurrent connections not yet upgraded to "
                                                 "WebSocket sessions [128]."],
+        ["upstream-kind", None, None, "openai or azure [OPENAI_PROXY_UPSTREAM_KIND; azure when the "
+                                      "upstream URL is an Azure OpenAI host, else openai]."],
+        ["azure-ad-token-file", None, None, "Azure: file holding a Microsoft Entra token, re-read for "
+                                            "every session [AZURE_OPENAI_AD_TOKEN_FILE]."],
     ]
 
     def __init__(self) -> None:
@@ -270,7 +277,7 @@ def build_service(config: Config, reactor: Any, log_observer: Any = None) -> Dae
         )
         _Closer(caller.close).setServiceParent(root)
     factory = ClientFactory(reactor, config, registry, connector, caller)
-    site = make_site(factory, registry, timeout=config.limits.handshake_timeout)
+    site = make_site(factory, registry, timeout=config.limits.handshake_timeout, demo=config.demo)
     for description in config.listen:
         strports.service(description, site, reactor=reactor).setServiceParent(root)
     return root

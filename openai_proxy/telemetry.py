@@ -103,6 +103,8 @@ _MAX_BODY_CHARS = 8192
 _INT64 = (-(2**63), 2**63 - 1)
 
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+# A UUID in its canonical 8-4-4-4-12 form (the React component's test app sends these as traceId).
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 
@@ -174,8 +176,8 @@ def _valid_hex_id(value: str) -> bool:
 def parse_trace_id(query_trace_id: str | None, traceparent: str | None) -> str | None:
     """Return the trace id a client asked its session to be logged under.
 
-    ``query_trace_id`` is a ``traceId`` query parameter: 32 hex digits, either case,
-    not all zero. ``traceparent`` is a W3C Trace Context header
+    ``query_trace_id`` is a ``traceId`` query parameter: 32 hex digits, or a UUID
+    with dashes (8-4-4-4-12 hex digits, its dashes dropped), either case, not all zero. ``traceparent`` is a W3C Trace Context header
     (``version-traceid-parentid-flags``): lowercase hex, version ``ff`` refused,
     version ``00`` with exactly four fields, trace and parent ids not all zero.
     A valid query parameter wins over the header. Returns the id as 32 lowercase
@@ -183,6 +185,8 @@ def parse_trace_id(query_trace_id: str | None, traceparent: str | None) -> str |
     """
     if query_trace_id is not None:
         candidate = query_trace_id.strip()
+        if _UUID.fullmatch(candidate):
+            candidate = candidate.replace("-", "")
         if _HEX32.fullmatch(candidate) and _valid_hex_id(candidate):
             return candidate.lower()
     if traceparent is not None:

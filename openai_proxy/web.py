@@ -5,6 +5,7 @@ The HTTP side: one ``twisted.web`` site serving the WebSocket routes and the hea
 - ``/openai`` — the older path of the daemon this replaces;
 - ``/healthz`` — 200 while the process runs; ``/readyz`` — 200 when sessions are accepted, 503 while draining;
 - ``/metrics`` — session and error counters in Prometheus' text format;
+- ``/demo`` — the browser demo page, when enabled (``--demo``, on by default with ``--simulator``);
 - anything else — 404.
 
 Every connection starts as a *pending* connection (plain HTTP, or a request still arriving) and stops
@@ -217,6 +218,8 @@ class _DaemonSite(Site):
         """Bytes received so far by the pending connections (what their requests have grown to)."""
         return sum(connection.received for connection in self._pending)
 
+    noisy = False
+
     def log(self, request: Any) -> None:
         pass
 
@@ -259,9 +262,10 @@ def make_site(
     *,
     request_timeout: float | None = None,
     max_pending: int | None = None,
+    demo: bool = False,
 ) -> Site:
     """
-    The daemon's site: WebSocket routes, health endpoints, 404 elsewhere.  ``request_timeout`` (default
+    The daemon's site: WebSocket routes, health endpoints, the demo page when ``demo``, 404 elsewhere.  ``request_timeout`` (default
     ``timeout``) is the total deadline of each HTTP request, ``max_pending`` (default the factory's
     ``max_pending_connections``) the limit on connections that are not sessions.
     """
@@ -276,6 +280,10 @@ def make_site(
     root.putChild(b"healthz", _Health())
     root.putChild(b"readyz", _Ready(registry))
     root.putChild(b"metrics", _Metrics(registry))
+    if demo:
+        from openai_proxy.demo import DemoResource
+
+        root.putChild(b"demo", DemoResource())
     # An HTTP connection idle for ``timeout`` before its upgrade is dropped (WebSocket sessions are not
     # affected once they are open); a request must also be complete within ``request_timeout``.
     limits = factory.config.limits

@@ -203,7 +203,7 @@ class Simulator(Process):
     """``python -m openai_proxy.simulator`` on a free port, recording what it receives."""
 
     def __init__(self, directory: str, *, name: str = "simulator", api_key: str | None = API_KEY,
-                 tls: tuple[str, str] | None = None) -> None:
+                 tls: tuple[str, str] | None = None, extra: Sequence[str] = ()) -> None:
         self.port_file = os.path.join(directory, f"{name}.port")
         self.record_path = os.path.join(directory, f"{name}.received.jsonl")
         argv = [sys.executable, "-m", "openai_proxy.simulator", "--port-file", self.port_file,
@@ -213,7 +213,10 @@ class Simulator(Process):
         if tls is not None:
             key, cert = tls
             argv += ["--tls-key", key, "--tls-cert", cert]
+        argv += list(extra)
         self.secure = tls is not None
+        #: The simulator speaks Azure OpenAI's URL and header shape (``--azure``).
+        self.azure = "--azure" in extra
         super().__init__(name, argv, directory)
         self.port = 0
 
@@ -231,7 +234,8 @@ class Simulator(Process):
 
     def upstream_url(self, host: str = "127.0.0.1") -> str:
         """The ``--upstream-url`` that points the daemon here."""
-        return f"{'wss' if self.secure else 'ws'}://{host}:{self.port}/v1/realtime"
+        path = "/openai/v1/realtime" if self.azure else "/v1/realtime"
+        return f"{'wss' if self.secure else 'ws'}://{host}:{self.port}{path}"
 
     def received(self) -> list[dict[str, Any]]:
         """Every event received so far, in order (from the ``--record`` file)."""
@@ -590,8 +594,8 @@ class SystemTestCase(SynchronousTestCase):
         self.addCleanup(process.stop)
 
     def start_simulator(self, *, api_key: str | None = API_KEY, tls: tuple[str, str] | None = None,
-                        name: str = "simulator") -> Simulator:
-        simulator = Simulator(self.directory, name=name, api_key=api_key, tls=tls)
+                        name: str = "simulator", extra: Sequence[str] = ()) -> Simulator:
+        simulator = Simulator(self.directory, name=name, api_key=api_key, tls=tls, extra=extra)
         self._track(simulator)
         simulator.start()
         return simulator

@@ -57,6 +57,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--tls-cert", metavar="PEM", help="certificate (chain) for wss://")
     parser.add_argument("--port-file", metavar="FILE", help="write the bound port number to FILE")
     parser.add_argument("--quiet", action="store_true", help="do not log to stderr")
+    parser.add_argument("--azure", action="store_true",
+                        help="speak Azure OpenAI's shape: /openai/v1/realtime?model=DEPLOYMENT, "
+                             "'api-key: KEY' header (or --entra-token)")
+    parser.add_argument("--entra-token", help="with --azure: accept 'Authorization: Bearer TOKEN'")
     options = parser.parse_args(argv)
     if bool(options.tls_key) != bool(options.tls_cert):
         parser.error("--tls-key and --tls-cert go together")
@@ -75,7 +79,8 @@ async def _serve(reactor: Any, options: argparse.Namespace) -> None:
     if not options.quiet:
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     factory = SimulatorFactory(reactor, api_key=options.api_key,
-                               record_received=options.record is not None)
+                               record_received=options.record is not None,
+                               azure=options.azure, entra_token=options.entra_token)
     if options.record:
         factory.received = _RecordingList(open(options.record, "a", encoding="utf-8"))
     served: Any = factory
@@ -89,7 +94,8 @@ async def _serve(reactor: Any, options: argparse.Namespace) -> None:
     address = port.getHost()
     host = getattr(address, "host", "127.0.0.1")
     number = getattr(address, "port", 0)
-    print(f"listening on {scheme}://{host}:{number}/v1/realtime", flush=True)
+    path = "/openai/v1/realtime" if options.azure else "/v1/realtime"
+    print(f"listening on {scheme}://{host}:{number}{path}", flush=True)
     if options.port_file:
         _write_port_file(options.port_file, number)
     await Deferred()  # until the reactor stops (SIGTERM, Ctrl-C)

@@ -79,6 +79,8 @@ __all__ = [
 ]
 
 REALTIME_PATH = "/v1/realtime"
+#: Azure OpenAI's GA (v1) realtime path.
+AZURE_REALTIME_PATH = "/openai/v1/realtime"
 FATAL_CLOSE_CODE = 4000
 DEFAULT_INSTRUCTIONS = (
     "You are a helpful voice assistant. Speak clearly, keep answers short, and ask when "
@@ -1283,6 +1285,9 @@ class SimulatorProtocol(WebSocketServerProtocol):
         self._fatal: tuple[str, str] | None = None
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
+        if self.factory.azure:
+            self._connect_azure(request)
+            return None
         if request.path != REALTIME_PATH:
             raise ConnectionDeny(404, "Not Found")
         chosen = None
@@ -1308,6 +1313,33 @@ class SimulatorProtocol(WebSocketServerProtocol):
                 f"The model '{self._model}' does not exist or you do not have access to it.",
             )
         return chosen
+
+    def _connect_azure(self, request: ConnectionRequest) -> None:
+        """Azure OpenAI's GA shape: ``/openai/v1/realtime?model=<deployment>``, authenticated by an
+        ``api-key`` header or a Microsoft Entra ``Authorization: Bearer <token>`` (an OpenAI key sent
+        as a bearer token is refused, as Azure refuses it)."""
+        if request.path != AZURE_REALTIME_PATH:
+            raise ConnectionDeny(404, "Resource not found")
+        factory = self.factory
+        api_key = request.headers.get("api-key", "")
+        authorization = request.headers.get("authorization", "")
+        key_ok = factory.api_key is None or hmac.compare_digest(
+            api_key.encode(), factory.api_key.encode())
+        bearer_ok = factory.entra_token is not None and hmac.compare_digest(
+            authorization.encode(), f"Bearer {factory.entra_token}".encode())
+        if not (bearer_ok or (key_ok and (api_key or factory.api_key is None))):
+            raise ConnectionDeny(401, "Access denied due to invalid subscription key or wrong API endpoint.")
+        self._model = (request.params.get("model") or [""])[0]
+        if not self._model:
+            raise ConnectionDeny(400, "Missing required query parameter: model")
+        if factory.azure_deployments is not None and self._model not in factory.azure_deployments:
+            raise ConnectionDeny(404, "The API deployment for this resource does not exist.")
+        if "openai-beta" in request.headers:
+            self._fatal = (
+                "beta_api_shape_disabled",
+                "The beta Realtime API shape is disabled; do not send the OpenAI-Beta header.",
+            )
+        return None
 
     def onOpen(self) -> None:
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -1342,7 +1374,7 @@ class SimulatorProtocol(WebSocketServerProtocol):
             max_session_seconds=factory.max_session_seconds,
         )
         factory.sessions.append(self)
-        self._log.info(
+        self._log.debug(
             "simulated session {session_id} opened ({model})",
             session_id=self.session.id,
             model=self._model,
@@ -1385,7 +1417,7 @@ class SimulatorProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.session is not None:
             self.session.stop()
-            self._log.info(
+            self._log.debug(
                 "simulated session {session_id} closed ({code})",
                 session_id=self.session.id,
                 code=code,
@@ -1405,6 +1437,10 @@ class SimulatorProtocol(WebSocketServerProtocol):
 class SimulatorFactory(WebSocketServerFactory):
     """Serves the simulated OpenAI Realtime (GA) API; see the module docstring.
 
+    With ``azure=True`` it speaks Azure OpenAI's shape instead (``/openai/v1/realtime?model=
+    <deployment>``, an ``api-key`` header equal to ``api_key`` or ``Authorization: Bearer
+    <entra_token>``; deployments limited to ``azure_deployments`` when given, else any name).
+
     ``received`` holds ``(session id, client event)`` for every JSON object received, in order
     (tests read it to see what was sent upstream; ``record_received=False`` turns it off for long
     runs). ``sessions`` holds the live :class:`SimulatorProtocol` instances; their ``session``
@@ -1412,6 +1448,7 @@ class SimulatorFactory(WebSocketServerFactory):
     """
 
     protocol = SimulatorProtocol  # type: ignore[assignment]
+    noisy = False
 
     def __init__(
         self,
@@ -1424,6 +1461,9 @@ class SimulatorFactory(WebSocketServerFactory):
         max_session_seconds: float = 3600.0,
         record_received: bool = True,
         script: Callable[[SimulatedSession, dict[str, Any]], bool] | None = None,
+        azure: bool = False,
+        entra_token: str | None = None,
+        azure_deployments: frozenset[str] | None = None,
     ) -> None:
         super().__init__(url=url)
         self.setProtocolOptions(
@@ -1438,6 +1478,12 @@ class SimulatorFactory(WebSocketServerFactory):
         #: Tests only: sees each valid client event first and, by returning True, answers it itself
         #: (with :meth:`SimulatedSession.send_scripted`) instead of the simulated API.
         self.script = script
+        #: Speak Azure OpenAI's URL and authentication shape instead of OpenAI's.
+        self.azure = azure
+        #: Azure: the Entra access token accepted as ``Authorization: Bearer``.
+        self.entra_token = entra_token
+        #: Azure: the deployment names served (None: any).
+        self.azure_deployments = azure_deployments
         self.received: list[tuple[str, dict[str, Any]]] = []
         self.sessions: list[SimulatorProtocol] = []
 

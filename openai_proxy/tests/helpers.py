@@ -44,7 +44,7 @@ class Daemon:
               **config: Any) -> Any:
         limits = config.pop("limits", Limits(handshake_timeout=5.0, ping_interval=0))
         simulator_options = config.pop("simulator_options", {})
-        self.config = Config(api_key="sk-test-key", simulator=True, limits=limits, **config)
+        self.config = Config(**{"api_key": "sk-test-key", "simulator": True, "limits": limits, **config})
         if url_for is None:
             self.simulator_port, self.simulator = yield listen_simulator(
                 reactor, api_key="sk-test-key", **simulator_options
@@ -64,7 +64,7 @@ class Daemon:
                 prefixes=self.config.function_url_prefixes,
             )
         self.factory = ClientFactory(reactor, self.config, self.registry, connector, self.caller)
-        site = make_site(self.factory, self.registry)
+        site = make_site(self.factory, self.registry, demo=self.config.demo)
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         return self
 

@@ -172,3 +172,81 @@ class ConfigTests(SynchronousTestCase):
             build_config({}, {"OPENAI_API_KEY": "k", "OPENAI_PROXY_CLIENT_TOKENS": "/etc/nope/tokens"},
                          cwd=self.dir)
         self.assertIn("OPENAI_PROXY_CLIENT_TOKENS", str(e.exception))
+
+    def test_query_token_switch(self) -> None:
+        env = {"OPENAI_API_KEY": "sk-test"}
+        self.assertTrue(build_config({}, env, cwd=self.dir).query_token)
+        self.assertFalse(build_config({"no-query-token": 1}, env, cwd=self.dir).query_token)
+        for value, expected in [("off", False), ("0", False), ("No", False), ("on", True), ("1", True)]:
+            config = build_config({}, {**env, "OPENAI_PROXY_QUERY_TOKEN": value}, cwd=self.dir)
+            self.assertEqual(config.query_token, expected, value)
+        with self.assertRaises(ConfigError) as e:
+            build_config({}, {**env, "OPENAI_PROXY_QUERY_TOKEN": "sometimes"}, cwd=self.dir)
+        self.assertIn("OPENAI_PROXY_QUERY_TOKEN", str(e.exception))
+
+    def test_demo_switch(self) -> None:
+        env = {"OPENAI_API_KEY": "sk-test"}
+        self.assertFalse(build_config({}, env, cwd=self.dir).demo)
+        self.assertTrue(build_config({"simulator": 1}, {}, cwd=self.dir).demo)
+        self.assertFalse(build_config({"simulator": 1, "no-demo": 1}, {}, cwd=self.dir).demo)
+        self.assertTrue(build_config({"demo": 1}, env, cwd=self.dir).demo)
+        self.assertTrue(build_config({}, {**env, "OPENAI_PROXY_DEMO": "on"}, cwd=self.dir).demo)
+        self.assertFalse(build_config({"simulator": 1}, {"OPENAI_PROXY_DEMO": "off"}, cwd=self.dir).demo)
+        with self.assertRaises(ConfigError):
+            build_config({}, {**env, "OPENAI_PROXY_DEMO": "maybe"}, cwd=self.dir)
+
+    def test_azure_upstream(self) -> None:
+        url = "wss://contoso-voice.openai.azure.com/openai/v1/realtime"
+        # The host selects Azure; the key goes in an api-key header; the deployment is the model.
+        config = build_config({"upstream-url": url, "model": "gpt-realtime-prod"},
+                              {"AZURE_OPENAI_API_KEY": "azure-key-1"}, cwd=self.dir)
+        self.assertEqual(config.upstream_kind, "azure")
+        self.assertEqual(config.upstream_headers(), {"api-key": "azure-key-1"})
+        self.assertEqual(config.upstream_url_for("gpt-realtime-prod"), url + "?model=gpt-realtime-prod")
+        # Without --allowed-models, a client's model choice never picks another deployment.
+        self.assertEqual(config.allowed_models, ("gpt-realtime-prod",))
+        self.assertFalse(config.model_allowed("gpt-realtime"))
+        # OPENAI_API_KEY is the fallback; AZURE_OPENAI_API_KEY wins.
+        config = build_config({"upstream-url": url}, {"OPENAI_API_KEY": "k2"}, cwd=self.dir)
+        self.assertEqual(config.upstream_headers(), {"api-key": "k2"})
+        for host in ("x.cognitiveservices.azure.com", "x.services.ai.azure.com"):
+            config = build_config({"upstream-url": f"wss://{host}/openai/v1/realtime"},
+                                  {"OPENAI_API_KEY": "k"}, cwd=self.dir)
+            self.assertEqual(config.upstream_kind, "azure", host)
+        # An explicit kind wins over the host (a private gateway in front of Azure).
+        config = build_config({"upstream-url": "ws://127.0.0.1:9/openai/v1/realtime",
+                               "upstream-kind": "Azure"}, {"AZURE_OPENAI_API_KEY": "k"}, cwd=self.dir)
+        self.assertEqual(config.upstream_kind, "azure")
+        config = build_config({"upstream-url": url}, {"OPENAI_PROXY_UPSTREAM_KIND": "openai",
+                                                      "OPENAI_API_KEY": "sk-x"}, cwd=self.dir)
+        self.assertEqual(config.upstream_headers(), {"Authorization": "Bearer sk-x"})
+
+    def test_azure_entra_token_file(self) -> None:
+        url = "wss://contoso-voice.openai.azure.com/openai/v1/realtime"
+        token = self.write("entra", "eyJ0eXAi.first\n")
+        config = build_config({"upstream-url": url, "azure-ad-token-file": token}, {}, cwd=self.dir)
+        self.assertEqual(config.upstream_headers(), {"Authorization": "Bearer eyJ0eXAi.first"})
+        # Re-read for every connection, so a refreshed token is used without a restart.
+        self.write("entra", "eyJ0eXAi.second")
+        self.assertEqual(config.upstream_headers(), {"Authorization": "Bearer eyJ0eXAi.second"})
+        os.remove(token)
+        self.assertEqual(config.upstream_headers(), {})
+        self.assertNotIn("eyJ0eXAi", repr(config))
+
+    def test_azure_bad_settings_name_the_setting(self) -> None:
+        url = "wss://contoso-voice.openai.azure.com/openai/v1/realtime"
+        cases = [
+            ({"upstream-url": url}, {}, "AZURE_OPENAI_API_KEY"),
+            ({"upstream-kind": "azure"}, {"AZURE_OPENAI_API_KEY": "k"}, "--upstream-url"),
+            ({"upstream-kind": "bedrock"}, {"OPENAI_API_KEY": "k"}, "--upstream-kind"),
+            ({"azure-ad-token-file": self.write("t", "x")}, {"OPENAI_API_KEY": "k"},
+             "--azure-ad-token-file"),
+            ({"upstream-url": url, "azure-ad-token-file": os.path.join(self.dir, "missing")}, {},
+             "--azure-ad-token-file"),
+            ({"upstream-url": url, "azure-ad-token-file": self.write("empty", " \n")}, {},
+             "--azure-ad-token-file"),
+        ]
+        for options, env, setting in cases:
+            with self.assertRaises(ConfigError) as e:
+                build_config(options, env, cwd=self.dir)
+            self.assertTrue(str(e.exception).startswith(setting), (options, str(e.exception)))

@@ -189,6 +189,166 @@ class AuthTests(_DaemonTestCase):
         yield client3.expect("Welcome")
 
 
+def _capture_log(test: TestCase) -> list[str]:
+    """Every log line (formatted, plus its fields) emitted while ``test`` runs."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(f"{formatEvent(event)} {event!r}")
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
+
+
+class QueryTokenTests(_DaemonTestCase):
+    """The ``token`` query parameter of the React component's proxy mode (SPEC §7)."""
+
+    TOKEN = "query-token-7d1e9b2c4a"
+
+    @defer.inlineCallbacks
+    def test_query_token_accepted_and_never_logged(self) -> None:
+        log = _capture_log(self)
+        yield self.start(client_tokens=frozenset({self.TOKEN}), log_level="debug")
+        base = self.daemon.url.replace("/v1/agent/converse", "/openai")
+        uuid = "0af76519-16cd-43dd-8448-eb211c80319c"
+        for url in [
+            f"{base}?service=agent&token={self.TOKEN}",
+            f"{base}?token={self.TOKEN}&service=agent&traceId={uuid}",
+            f"{self.daemon.url}?token=&token={self.TOKEN}",  # the first non-empty value
+        ]:
+            client = yield connect_client(url)
+            self.addCleanup(self._close, client)
+            yield client.expect("Welcome")
+        traces = {p.trace_id for p in self.daemon.registry._sessions}
+        self.assertIn(uuid.replace("-", ""), traces)
+        client.send_json(default_settings())
+        yield client.expect("SettingsApplied")
+        for url in [f"{base}?service=agent&token=wrong-{self.TOKEN}", f"{base}?token=",
+                    f"{base}?service=agent&token={self.TOKEN[:-1]}"]:
+            with self.assertRaises(ConnectionError):
+                yield connect_client(url)
+        # An Authorization header is checked first: a wrong one is not rescued by the URL.
+        with self.assertRaises(ConnectionError):
+            yield connect_client(f"{base}?token={self.TOKEN}", headers={"Authorization": "Token nope"})
+        # The subprotocol form still works (and is answered).
+        client = yield connect_client(base, protocols=["token", self.TOKEN])
+        self.addCleanup(self._close, client)
+        self.assertEqual(client.websocket_protocol_in_use, "token")
+        yield client.expect("Welcome")
+        yield wait(0.05)
+        leaked = [line for line in log if self.TOKEN[:-1] in line]
+        self.assertEqual(leaked, [])
+        # (The test's own client logs its side of each refusal; only the daemon's side counts.)
+        server_side = [line for line in log if "WebSocketClientProtocol" not in line]
+        refusals = [line for line in server_side if "client refused" in line or "handshake" in line
+                    or "dropping connection" in line]
+        # One line per refusal (four refused clients), nothing from Autobahn.
+        self.assertEqual(len(refusals), 4, refusals)
+        self.assertTrue(all(line.startswith("client refused (HTTP 401): a valid token is required")
+                            for line in refusals), refusals)
+
+    @defer.inlineCallbacks
+    def test_query_token_turned_off(self) -> None:
+        log = _capture_log(self)
+        yield self.start(client_tokens=frozenset({self.TOKEN}), query_token=False)
+        with self.assertRaises(ConnectionError):
+            yield connect_client(f"{self.daemon.url}?token={self.TOKEN}")
+        client = yield connect_client(self.daemon.url, headers={"Authorization": f"Bearer {self.TOKEN}"})
+        self.addCleanup(self._close, client)
+        yield client.expect("Welcome")
+        client2 = yield connect_client(f"{self.daemon.url}?token={self.TOKEN}",
+                                       protocols=["token", self.TOKEN])
+        self.addCleanup(self._close, client2)
+        yield client2.expect("Welcome")
+        refusals = [line for line in log if "client refused" in line]
+        self.assertEqual(len(refusals), 1)
+        self.assertIn("tokens in the URL are not accepted", refusals[0])
+        self.assertEqual([line for line in log if self.TOKEN in line], [])
+
+    @defer.inlineCallbacks
+    def test_query_token_ignored_without_client_auth(self) -> None:
+        yield self.start()
+        client = yield connect_client(f"{self.daemon.url}?token=anything")
+        self.addCleanup(self._close, client)
+        yield client.expect("Welcome")
+
+
+class AzureUpstreamTests(_DaemonTestCase):
+    """Azure OpenAI's GA realtime shape, against the simulator speaking it (and refusing OpenAI's)."""
+
+    KEY = "azure-key-0c5e2f7a91"
+
+    @defer.inlineCallbacks
+    def start_azure(self, **config: Any) -> Any:
+        from openai_proxy.simulator import listen_simulator
+
+        port, simulator = yield listen_simulator(
+            reactor, api_key=self.KEY, azure=True, entra_token="entra-token-5b8d",
+            azure_deployments=frozenset({"voice-prod"}))
+        self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: [p.dropConnection(abort=True) for p in list(simulator.sessions)])
+        url = f"ws://127.0.0.1:{port.getHost().port}/openai/v1/realtime"
+        config = {"api_key": self.KEY, "upstream_kind": "azure", "upstream_url": url,
+                  "model": "voice-prod", "allowed_models": ("voice-prod",), **config}
+        # The daemon's own rule builds the URL (?model=<deployment>).
+        yield self.start(url_for=lambda model: self.daemon.config.upstream_url_for(model), **config)
+        return simulator
+
+    @defer.inlineCallbacks
+    def text_turn(self) -> Any:
+        client = yield self.configured_client()
+        client.send_json({"type": "InjectUserMessage", "content": "Hello there"})
+        yield client.expect("AgentAudioDone", timeout=10)
+        reply = yield client.wait_for("ConversationText", role="assistant")
+        self.assertIn("Hello there", reply["content"])
+        self.assertGreater(len(client.audio), 4800)
+
+    @defer.inlineCallbacks
+    def test_api_key_header_and_deployment(self) -> None:
+        simulator = yield self.start_azure()
+        yield self.text_turn()
+        [(_, first)] = simulator.received[:1]
+        self.assertEqual(first["type"], "session.update")
+
+    @defer.inlineCallbacks
+    def test_entra_token(self) -> None:
+        token = self.mktemp()
+        with open(token, "w") as f:
+            f.write("entra-token-5b8d\n")
+        yield self.start_azure(api_key=None, azure_ad_token_file=token)
+        yield self.text_turn()
+
+    @defer.inlineCallbacks
+    def expect_refusal(self, code: str) -> Any:
+        client = yield connect_client(self.daemon.url)
+        self.addCleanup(self._close, client)
+        yield client.expect("Welcome")
+        client.send_json(default_settings())
+        error = yield client.expect("Error", timeout=10)
+        self.assertEqual(error["code"], code)
+        self.assertNotIn(self.KEY, json.dumps(client.messages))
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_openai_shape_refused_by_azure(self) -> None:
+        # An OpenAI-style bearer key is not an Azure credential.
+        yield self.start_azure(upstream_kind="openai")
+        yield self.expect_refusal(errors.UPSTREAM_AUTH_FAILED)
+
+    @defer.inlineCallbacks
+    def test_wrong_key(self) -> None:
+        yield self.start_azure(api_key="not-the-key")
+        yield self.expect_refusal(errors.UPSTREAM_AUTH_FAILED)
+
+    @defer.inlineCallbacks
+    def test_unknown_deployment(self) -> None:
+        yield self.start_azure(model="voice-staging", allowed_models=("voice-staging",))
+        yield self.expect_refusal(errors.UPSTREAM_UNAVAILABLE)
+
+
 class UpstreamFailureTests(_DaemonTestCase):
     @defer.inlineCallbacks
     def test_refused_key(self) -> None:
@@ -626,3 +786,44 @@ class StrictJsonTests(_DaemonTestCase):
             error = yield client.expect("Error")
             self.assertEqual(error["code"], errors.UNPARSABLE_CLIENT_MESSAGE)
         self.assertEqual([e for e in self.daemon.upstream_events() if "NaN" in json.dumps(e)], [])
+
+
+class DemoPageTests(_DaemonTestCase):
+    """``GET /demo``: the browser demo's files from package data, each with its content type."""
+
+    @defer.inlineCallbacks
+    def fetch(self, path: str, method: bytes = b"GET") -> Any:
+        assert self.daemon.port is not None
+        response = yield Agent(reactor).request(
+            method, f"http://127.0.0.1:{self.daemon.port.getHost().port}{path}".encode())
+        body = yield readBody(response)
+        return response.code, response.headers, body
+
+    @defer.inlineCallbacks
+    def test_files_and_content_types(self) -> None:
+        yield self.start(demo=True)
+        for path, content_type, marker in [
+            ("/demo", "text/html; charset=utf-8", b'<script src="/demo/demo.js">'),
+            ("/demo/", "text/html; charset=utf-8", b'id="talk"'),
+            ("/demo/demo.js", "text/javascript; charset=utf-8", b"/v1/agent/converse"),
+            ("/demo/mic-worklet.js", "text/javascript; charset=utf-8", b"registerProcessor"),
+            ("/demo/demo.css", "text/css; charset=utf-8", b"#talk"),
+        ]:
+            code, headers, body = yield self.fetch(path)
+            self.assertEqual(code, 200, path)
+            self.assertEqual(headers.getRawHeaders(b"content-type"), [content_type.encode()], path)
+            self.assertEqual(headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
+            self.assertIn(marker, body, path)
+        code, headers, body = yield self.fetch("/demo/demo.js", b"HEAD")
+        self.assertEqual((code, body), (200, b""))
+        for path in ["/demo/__init__.py", "/demo/demo.js/x", "/demo/../web.py", "/demo/nope.js",
+                     "/demo/index.html/"]:
+            code, _, _ = yield self.fetch(path)
+            self.assertEqual(code, 404, path)
+
+    @defer.inlineCallbacks
+    def test_off_unless_enabled(self) -> None:
+        yield self.start()
+        for path in ["/demo", "/demo/demo.js"]:
+            code, _, _ = yield self.fetch(path)
+            self.assertEqual(code, 404, path)

@@ -918,3 +918,94 @@ class UnsupportedSettingsTests(SynchronousTestCase):
         message["agent"]["think"]["endpoint"] = {"url": "https://llm.example.com/v1"}
         [error] = h.client(h.text(message))
         self.assertTrue(error["description"].startswith("agent.think.endpoint"))
+
+
+class InterruptedReplyTextTests(SynchronousTestCase):
+    """
+    An interrupted reply's assistant text never follows the interruption (docs/protocol.md,
+    "Barge-in"): Deepgram sends an utterance's text before its audio, never after
+    ``UserStartedSpeaking``, and the React component reads late assistant text as a new reply.
+    """
+
+    @staticmethod
+    def finish(h: Harness, response_id: str, item_id: str, transcript: str,
+               status: str = "cancelled") -> list[s.Output]:
+        """What the upstream sends when a response with one spoken item ends."""
+        item = {"id": item_id, "type": "message", "role": "assistant",
+                "content": [{"type": "output_audio", "transcript": transcript}]}
+        out = h.up("response.output_audio_transcript.done", response_id=response_id, item_id=item_id,
+                   output_index=0, content_index=0, transcript=transcript)
+        out += h.up("response.output_item.done", response_id=response_id, output_index=0, item=item)
+        out += h.up("response.done", response={"id": response_id, "status": status, "output": [item]})
+        return out
+
+    @staticmethod
+    def texts(out: list[s.Output]) -> list[dict[str, Any]]:
+        return [m for m in Harness.client(out) if m["type"] in ("ConversationText", "History")]
+
+    def test_barge_in_during_audio(self) -> None:
+        h = Harness()
+        h.configure()
+        h.start_response("resp_1")
+        h.audio("resp_1", "item_a", 48 * 300)
+        h.time += 0.2
+        out = h.up("input_audio_buffer.speech_started", audio_start_ms=10, item_id="u2")
+        self.assertEqual(h.client_types(out), ["UserStartedSpeaking"])
+        out = self.finish(h, "resp_1", "item_a", "Let me tell you about the weather in")
+        self.assertEqual(self.texts(out), [])
+        # The user's turn and the next reply are reported as usual.
+        h.up("input_audio_buffer.speech_stopped", audio_end_ms=900, item_id="u2")
+        out = h.up("conversation.item.input_audio_transcription.completed", item_id="u2",
+                   content_index=0, transcript="stop", usage={"type": "duration", "seconds": 1})
+        self.assertEqual(self.texts(out)[0], {"type": "ConversationText", "role": "user",
+                                              "content": "stop"})
+        h.start_response("resp_2")
+        h.audio("resp_2", "item_b", 960)
+        out = self.finish(h, "resp_2", "item_b", "Okay.", status="completed")
+        self.assertEqual([m for m in self.texts(out) if m["type"] == "ConversationText"],
+                         [{"type": "ConversationText", "role": "assistant", "content": "Okay."}])
+
+    def test_barge_in_before_any_audio(self) -> None:
+        # Server VAD cancels a reply still being generated: its text would come after the user spoke.
+        h = Harness()
+        h.configure()
+        h.start_response("resp_1")
+        h.up("input_audio_buffer.speech_started", audio_start_ms=10, item_id="u2")
+        out = self.finish(h, "resp_1", "item_a", "Sure")
+        self.assertEqual(self.texts(out), [])
+
+    def test_inject_user_message_interrupts(self) -> None:
+        h = Harness()
+        h.configure()
+        h.start_response("resp_1")
+        h.audio("resp_1", "item_a", 4800)
+        h.time += 0.05
+        h.text({"type": "InjectUserMessage", "content": "stop"})
+        out = self.finish(h, "resp_1", "item_a", "Here is a long story")
+        self.assertEqual([m for m in self.texts(out) if m.get("role") == "assistant"], [])
+
+    def test_inject_agent_message_interrupts(self) -> None:
+        h = Harness()
+        h.configure()
+        h.start_response("resp_1")
+        h.audio("resp_1", "item_a", 960)
+        h.time += 0.01
+        h.text({"type": "InjectAgentMessage", "message": "Stop.", "behavior": "interrupt"})
+        out = self.finish(h, "resp_1", "item_a", "Once upon a time")
+        self.assertEqual(self.texts(out), [])
+
+    def test_speech_after_the_reply_ended_keeps_its_text(self) -> None:
+        # The reply's text was sent when it ended; speaking while it still plays takes nothing back
+        # and does not silence the next reply.
+        h = Harness()
+        h.configure()
+        h.start_response("resp_1")
+        h.audio("resp_1", "item_a", 960)
+        out = self.finish(h, "resp_1", "item_a", "Hello!", status="completed")
+        self.assertEqual(len([m for m in self.texts(out) if m["type"] == "ConversationText"]), 1)
+        h.up("input_audio_buffer.speech_started", audio_start_ms=10, item_id="u2")
+        h.up("input_audio_buffer.speech_stopped", audio_end_ms=500, item_id="u2")
+        h.start_response("resp_2")
+        out = self.finish(h, "resp_2", "item_b", "Yes?", status="completed")
+        self.assertEqual([m["content"] for m in self.texts(out) if m["type"] == "ConversationText"],
+                         ["Yes?"])

@@ -204,6 +204,26 @@ class TraceContextTests(unittest.TestCase):
         self.assertIsNone(parse_trace_id(TRACE_ID + "0", None))
         self.assertIsNone(parse_trace_id("g" * 32, None))
 
+    def test_query_parameter_uuid(self) -> None:
+        """A UUID with dashes (what the React component's test app sends) is the same 128-bit id."""
+        dashed = f"{TRACE_ID[:8]}-{TRACE_ID[8:12]}-{TRACE_ID[12:16]}-{TRACE_ID[16:20]}-{TRACE_ID[20:]}"
+        self.assertEqual(parse_trace_id(dashed, None), TRACE_ID)
+        self.assertEqual(parse_trace_id(dashed.upper(), None), TRACE_ID)
+        self.assertEqual(parse_trace_id(f" {dashed} ", None), TRACE_ID)
+        for bad in [
+            "00000000-0000-0000-0000-000000000000",  # the nil UUID: an all-zero trace id
+            dashed[:-1],  # short last group
+            dashed.replace("-", "", 1),  # a dash missing
+            f"{{{dashed}}}",  # braces
+            f"urn:uuid:{dashed}",
+            dashed.replace("-", "_"),
+            TRACE_ID[:9] + "-" + TRACE_ID[9:],  # a dash in the wrong place
+        ]:
+            self.assertIsNone(parse_trace_id(bad, None), bad)
+        # An invalid query id falls back to traceparent.
+        header = f"00-{'b' * 32}-00f067aa0ba902b7-01"
+        self.assertEqual(parse_trace_id(dashed[:-1], header), "b" * 32)
+
     def test_traceparent(self) -> None:
         header = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
         self.assertEqual(parse_trace_id(None, header), TRACE_ID)
