@@ -66,12 +66,34 @@ class Options(usage.Options):
                                               "may call [OPENAI_PROXY_FUNCTION_URL_PREFIXES; none: off]."],
         ["function-timeout", None, None, "Seconds a server-side function has to answer [10]."],
         ["function-max-response-bytes", None, None, "Largest server-side function answer [65536]."],
+        ["allowed-origins", None, None, "Comma-separated browser origins (scheme://host[:port], * globs, "
+                                        "null) allowed to connect [OPENAI_PROXY_ALLOWED_ORIGINS; any]."],
+    ]
+    optFlags += [
+        ["metrics-require-token", None, "/metrics answers 401 without a client token "
+                                        "[OPENAI_PROXY_METRICS_REQUIRE_TOKEN]."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["metrics-listen"] = []
         self.config: Config | None = None
+
+    def opt_metrics_listen(self, description: str) -> None:
+        """Endpoint serving /metrics (then not served on --listen), repeatable [OPENAI_PROXY_METRICS_LISTEN]."""
+        self["metrics-listen"].append(description)
+
+    def parseOptions(self, options: Any = None) -> None:
+        """Parse; a usage error (unknown option, missing value) is one line on stderr and exit 78."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            problem = " ".join(str(e).split())
+            sys.stderr.write(
+                f"openai-proxy: configuration error: {problem} (twistd openai-proxy --help lists the options)\n"
+            )
+            raise SystemExit(78) from None  # EX_CONFIG
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, repeatable (e.g. tcp:8080:interface=127.0.0.1) [OPENAI_PROXY_PORT; tcp:8080]."""
@@ -86,13 +108,14 @@ class Options(usage.Options):
         try:
             self.config = build_config(self)
             _check_endpoints(self.config.listen)
+            _check_endpoints(self.config.metrics_listen, "--metrics-listen")
         except ConfigError as e:
             # One clear line and a non-zero exit: the usage text would bury it.
             sys.stderr.write(f"openai-proxy: configuration error: {e}\n")
             raise SystemExit(78) from None  # EX_CONFIG
 
 
-def _check_endpoints(descriptions: tuple[str, ...]) -> None:
+def _check_endpoints(descriptions: tuple[str, ...], setting: str = "--listen") -> None:
     from twisted.internet import reactor
 
     for description in descriptions:
@@ -101,7 +124,7 @@ def _check_endpoints(descriptions: tuple[str, ...]) -> None:
         except Exception as e:
             # Endpoint parsers raise whatever their arguments provoke (ValueError, OSError for a missing
             # key file, IndexError for a systemd socket that was not passed …).
-            raise ConfigError(f"--listen: bad endpoint {description!r}: {e!r}") from None
+            raise ConfigError(f"{setting}: bad endpoint {description!r}: {e!r}") from None
 
 
 def _sd_notify(state: str) -> None:
