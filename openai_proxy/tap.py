@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
@@ -21,8 +22,10 @@ from twisted.python import usage
 from openai_proxy import __version__
 from openai_proxy.config import Config, ConfigError, build_config
 from openai_proxy.functions import FunctionCaller
+from openai_proxy.metrics import Metrics
 from openai_proxy.relay import ClientFactory, SessionRegistry, UpstreamConnector
-from openai_proxy.web import make_site
+from openai_proxy.reload import Reloader
+from openai_proxy.web import make_metrics_site, make_site
 
 _log = Logger(namespace="openai_proxy")
 
@@ -155,6 +158,8 @@ class DaemonService(MultiService):
         self.config = config
         self.registry = registry
         self._log_observer = log_observer
+        #: Applies SIGHUP reloads (set by :func:`build_service` when it can reload).
+        self.reloader: Reloader | None = None
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -170,6 +175,8 @@ class DaemonService(MultiService):
             endpoints=", ".join(self.config.listen),
             upstream="built-in simulator" if self.config.simulator else self.config.upstream_url,
         )
+        if self.reloader is not None:
+            self.reloader.install()
         _sd_notify("READY=1")
 
     def stopService(self) -> Any:
@@ -178,6 +185,8 @@ class DaemonService(MultiService):
         WebSocket upgrades are refused with 503.
         """
         _sd_notify("STOPPING=1")
+        if self.reloader is not None:
+            self.reloader.uninstall()
         d = defer.maybeDeferred(self.registry.stopService)
         d.addBoth(lambda _: MultiService.stopService(self))
         return d
@@ -222,9 +231,24 @@ class _Closer(Service):
         return self._close()
 
 
-def build_service(config: Config, reactor: Any, log_observer: Any = None) -> DaemonService:
-    """The daemon's service tree for ``config`` (used by :func:`makeService` and by tests)."""
-    registry = SessionRegistry(reactor, config.limits.shutdown_grace)
+def build_service(
+    config: Config,
+    reactor: Any,
+    log_observer: Any = None,
+    reload: Callable[[], Config] | None = None,
+    metrics: Metrics | None = None,
+) -> DaemonService:
+    """
+    The daemon's service tree for ``config`` (used by :func:`makeService` and by tests).
+
+    ``reload``: builds the configuration again for SIGHUP (no SIGHUP handling without it).
+    ``metrics``: the instruments (default: exporters chosen by the ``OTEL_*`` environment variables).
+    """
+    if metrics is None:
+        metrics = Metrics()
+    for problem in metrics.problems:
+        _log.warn("{problem}", problem=problem)
+    registry = SessionRegistry(reactor, config.limits.shutdown_grace, metrics)
     root = DaemonService(config, registry, log_observer)
     url_for = None
     if config.simulator:
@@ -252,6 +276,25 @@ def build_service(config: Config, reactor: Any, log_observer: Any = None) -> Dae
     site = make_site(factory, registry, timeout=config.limits.handshake_timeout)
     for description in config.listen:
         strports.service(description, site, reactor=reactor).setServiceParent(root)
+    if config.metrics_listen:
+        metrics_site = make_metrics_site(factory, registry, timeout=config.limits.handshake_timeout)
+        for description in config.metrics_listen:
+            strports.service(description, metrics_site, reactor=reactor).setServiceParent(root)
+    if caller is None:
+        # A reload may turn server-side functions on; close that caller on the way out.
+        _Closer(lambda: factory.function_caller.close() if factory.function_caller else None).setServiceParent(root)
+    _Closer(metrics.shutdown).setServiceParent(root)
+    if reload is not None:
+
+        def make_caller(new: Config) -> FunctionCaller:
+            return FunctionCaller(
+                reactor,
+                timeout=config.limits.function_timeout,
+                max_response_bytes=config.limits.function_max_response_bytes,
+                prefixes=new.function_url_prefixes,
+            )
+
+        root.reloader = Reloader(reactor, factory, reload, make_caller, metrics)
     return root
 
 
@@ -278,7 +321,7 @@ def makeService(options: Options) -> IService:
     # Flush the exporters on the way out (the SDK's atexit hook is only a fallback).
     reactor.addSystemEventTrigger("after", "shutdown", observer.shutdown)
     try:
-        return build_service(config, reactor, observer)
+        return build_service(config, reactor, observer, reload=lambda: build_config(options))
     except ConfigError as e:
         sys.stderr.write(f"openai-proxy: configuration error: {e}\n")
         raise SystemExit(78) from None

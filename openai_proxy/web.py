@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import Request, Site
 
-from openai_proxy.relay import ClientFactory, SessionRegistry
+from openai_proxy.relay import ClientFactory, SessionRegistry, token_matches
 
 _log = Logger(namespace="openai_proxy")
 
@@ -62,36 +62,42 @@ class _Ready(Resource):
 
 
 class _Metrics(Resource):
-    """Prometheus text exposition of the daemon's counters."""
+    """
+    Prometheus text exposition of the daemon's instruments (``openai_proxy.metrics``).  With
+    ``metrics_require_token`` in the configuration, a request without a valid client token
+    (``Authorization: Token <t>`` or ``Bearer <t>``) gets 401.
+    """
 
     isLeaf = False
 
-    def __init__(self, registry: SessionRegistry) -> None:
+    def __init__(self, registry: SessionRegistry, factory: ClientFactory | None = None) -> None:
         super().__init__()
         self._registry = registry
+        self._factory = factory
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        registry = self._registry
-        lines = [
-            "# HELP openai_proxy_sessions Open client sessions.",
-            "# TYPE openai_proxy_sessions gauge",
-            f"openai_proxy_sessions {len(registry)}",
-            "# HELP openai_proxy_sessions_total Client sessions opened since the start.",
-            "# TYPE openai_proxy_sessions_total counter",
-            f"openai_proxy_sessions_total {registry.sessions_total}",
-            "# HELP openai_proxy_draining 1 while the daemon drains for a shutdown.",
-            "# TYPE openai_proxy_draining gauge",
-            f"openai_proxy_draining {int(registry.draining)}",
-            "# HELP openai_proxy_client_errors_total Error and Warning messages sent to clients.",
-            "# TYPE openai_proxy_client_errors_total counter",
-        ]
-        for (kind, code), count in sorted(registry.client_errors.items()):
-            # Codes are UPPER_SNAKE or upstream snake_case: nothing to escape beyond quotes.
-            code = code.replace("\\", "").replace('"', "")
-            lines.append(f'openai_proxy_client_errors_total{{type="{kind}",code="{code}"}} {count}')
-        return ("\n".join(lines) + "\n").encode("utf-8")
+        config = getattr(self._factory, "config", None)
+        if config is not None and getattr(config, "metrics_require_token", False):
+            scheme, _, presented = (request.getHeader(b"authorization") or b"").decode("latin-1").strip().partition(" ")
+            if scheme.lower() not in ("token", "bearer") or not token_matches(presented.strip(), config.client_tokens):
+                request.setResponseCode(401)
+                request.setHeader(b"www-authenticate", b'Bearer realm="openai-proxy metrics"')
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                return b"a valid token is required\n"
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self._registry.metrics.prometheus_text().encode("utf-8")
+
+
+def make_metrics_site(factory: ClientFactory, registry: SessionRegistry, timeout: float = 60.0) -> Site:
+    """The ``--metrics-listen`` site: ``/metrics``, ``/healthz`` and ``/readyz``; 404 elsewhere."""
+    root = _Directory()
+    root.putChild(b"metrics", _Metrics(registry, factory))
+    root.putChild(b"healthz", _Health())
+    root.putChild(b"readyz", _Ready(registry))
+    site = _QuietSite(root, timeout=timeout)
+    site.displayTracebacks = False
+    return site
 
 
 def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
@@ -166,7 +172,8 @@ def make_site(factory: ClientFactory, registry: SessionRegistry, timeout: float 
     agent.putChild(b"converse", websocket)
     root.putChild(b"healthz", _Health())
     root.putChild(b"readyz", _Ready(registry))
-    root.putChild(b"metrics", _Metrics(registry))
+    if not getattr(factory.config, "metrics_listen", ()):
+        root.putChild(b"metrics", _Metrics(registry, factory))
     # An HTTP connection idle for ``timeout`` before its upgrade is dropped (WebSocket sessions are not
     # affected once they are open).
     site = _QuietSite(root, timeout=timeout)

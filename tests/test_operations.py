@@ -5,14 +5,26 @@ a stop.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
+from typing import Any
+
+from twisted.trial.unittest import FailTest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from .support import (
     API_KEY,
     STOP_TIMEOUT,
+    TIMEOUT,
+    Daemon,
     SystemTestCase,
+    agent_settings,
     clean_environment,
+    connect_agent,
+    texts,
     twistd_command,
 )
 
@@ -77,3 +89,100 @@ class StopStatusTests(SystemTestCase):
         self.assertEqual(set(success.split()), {"SIGTERM", "SIGINT"})
         self.assertEqual(unit_settings(UNIT, "KillSignal"), ["SIGTERM"])
         self.assertIn("78", unit_settings(UNIT, "RestartPreventExitStatus"))
+
+
+def _status(port: int, token: str | None) -> int:
+    """101 when a session with ``token`` opens (its Welcome read), else the HTTP status of the refusal."""
+    headers = {"Authorization": f"Token {token}"} if token else {}
+    try:
+        with connect(f"ws://127.0.0.1:{port}/v1/agent/converse", additional_headers=headers,
+                     open_timeout=TIMEOUT) as websocket:
+            json.loads(websocket.recv(timeout=TIMEOUT))
+            return 101
+    except InvalidStatus as e:
+        return int(e.response.status_code)
+
+
+class ReloadTests(SystemTestCase):
+    """SIGHUP reloads the client tokens and the function URL prefixes; open sessions carry on; a bad
+    reload keeps the running settings."""
+
+    def write(self, name: str, text: str) -> str:
+        path = os.path.join(self.directory, name)
+        with open(path + ".new", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".new", path)
+        return path
+
+    def reload(self, daemon: Daemon, expected: str) -> dict[str, Any]:
+        """SIGHUP, then wait (bounded) for the next log record whose body starts with ``expected``."""
+        seen = len(daemon.log_records())
+        daemon.signal(signal.SIGHUP)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            for record in daemon.log_records()[seen:]:
+                if str(record.get("body", "")).startswith(("settings reloaded", "reload failed")):
+                    self.assertTrue(record["body"].startswith(expected), record)
+                    return record
+            time.sleep(0.05)
+        raise FailTest(f"no reload record within {TIMEOUT}s")
+
+    def test_tokens_file(self) -> None:
+        tokens = self.write("tokens", "old-token\n")
+        simulator = self.start_simulator()
+        daemon = self.start_daemon("--client-tokens-file", tokens, upstream=simulator)
+        self.assertEqual(_status(daemon.port, "old-token"), 101)
+        with connect_agent(daemon.base_url, token="old-token") as agent:
+            agent.expect("Welcome")
+            agent.send_settings(agent_settings())
+            agent.expect("SettingsApplied")
+
+            self.write("tokens", "# rotated\nnew-token\nsecond-token\n")
+            record = self.reload(daemon, "settings reloaded")
+            self.assertEqual(record["attributes"]["client_auth_entries"], 2)
+            self.assertEqual(_status(daemon.port, "old-token"), 401)
+            self.assertEqual(_status(daemon.port, "new-token"), 101)
+            # The session opened with the old token goes on.
+            agent.inject("Are you still there?")
+            self.assertTrue(texts(agent.turn(), "assistant"))
+
+            # Bad reloads: an empty file, a missing file.  The running tokens stay.
+            self.write("tokens", "# nothing\n\n")
+            record = self.reload(daemon, "reload failed")
+            self.assertIn("holds no token", record["body"])
+            self.assertEqual(_status(daemon.port, "new-token"), 101)
+            os.remove(tokens)
+            self.reload(daemon, "reload failed")
+            self.assertEqual(_status(daemon.port, "second-token"), 101)
+            self.assertEqual(_status(daemon.port, None), 401)
+            agent.inject("And now?")
+            self.assertTrue(texts(agent.turn(), "assistant"))
+        self.assertNotIn("new-token", daemon.stdout())
+        self.assertNotIn("old-token", daemon.stdout())
+
+    def test_environment_file_tokens_and_prefixes(self) -> None:
+        # The daemon runs in the test directory, so ./.env is its .env file.
+        self.write(".env", "OPENAI_PROXY_CLIENT_TOKENS=env-one,env-two\n")
+        daemon = self.start_daemon("--simulator", api_key=None)
+        self.assertEqual(_status(daemon.port, "env-one"), 101)
+        self.write(".env", "OPENAI_PROXY_CLIENT_TOKENS=env-three\n"
+                           "OPENAI_PROXY_FUNCTION_URL_PREFIXES=http://127.0.0.1:9/tools/\n"
+                           "OPENAI_REALTIME_MODEL=gpt-realtime-mini\n")
+        record = self.reload(daemon, "settings reloaded")
+        self.assertEqual(record["attributes"]["client_auth_entries"], 1)
+        self.assertEqual(record["attributes"]["prefixes"], 1)
+        # A setting that needs a restart is named as such.
+        warnings = [r for r in daemon.log_records() if "a restart applies that" in str(r.get("body"))]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("model", warnings[0]["body"])
+        self.assertEqual(_status(daemon.port, "env-one"), 401)
+        self.assertEqual(_status(daemon.port, "env-three"), 101)
+        # A bad prefix: refused, the previous values stay.
+        self.write(".env", "OPENAI_PROXY_CLIENT_TOKENS=env-four\n"
+                           "OPENAI_PROXY_FUNCTION_URL_PREFIXES=ftp://nowhere/\n")
+        record = self.reload(daemon, "reload failed")
+        self.assertIn("--function-url-prefixes", record["body"])
+        self.assertEqual(_status(daemon.port, "env-four"), 401)
+        self.assertEqual(_status(daemon.port, "env-three"), 101)
+        # The process is still the same one, serving.
+        self.assertIsNone(daemon.exited())

@@ -537,7 +537,7 @@ class MetricsTests(HttpTests):
         code, body = yield self.get("/metrics")
         self.assertEqual(code, 200)
         text = body.decode()
-        self.assertIn("openai_proxy_sessions 1\n", text)
+        self.assertIn("openai_proxy_sessions_active 1\n", text)
         self.assertIn("openai_proxy_sessions_total 1\n", text)
         self.assertIn('openai_proxy_client_errors_total{type="Error",code="UNSUPPORTED_CLIENT_MESSAGE"} 1',
                       text)
