@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any
 
-from twisted.trial.unittest import FailTest
+from twisted.trial.unittest import FailTest, SkipTest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -186,3 +187,42 @@ class ReloadTests(SystemTestCase):
         self.assertEqual(_status(daemon.port, "env-three"), 101)
         # The process is still the same one, serving.
         self.assertIsNone(daemon.exited())
+
+
+class UnitFileTests(SystemTestCase):
+    """The shipped unit files pass ``systemd-analyze verify`` (with ExecStart= pointing at this twistd)."""
+
+    def test_units_verify(self) -> None:
+        tool = shutil.which("systemd-analyze")
+        if tool is None:
+            raise SkipTest("systemd-analyze is not installed (Debian package systemd)")
+        misc = os.path.dirname(UNIT)
+        units = os.path.join(self.directory, "units")
+        os.makedirs(units)
+        for name in ("openai-proxy.service", "openai-proxy.socket", "openai-proxy@.service"):
+            with open(os.path.join(misc, name), encoding="utf-8") as f:
+                text = f.read()
+            if name.endswith(".service"):
+                self.assertIn("/opt/openai-proxy/bin/twistd", text)
+            text = text.replace("/opt/openai-proxy/bin/twistd", twistd_command()[0])
+            with open(os.path.join(units, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        # An instance of the template, as systemctl would load it.
+        shutil.copy(os.path.join(units, "openai-proxy@.service"), os.path.join(units, "openai-proxy@1.service"))
+        process = self.run_command(
+            [tool, "verify", "--man=no", *(os.path.join(units, name) for name in
+                                           ("openai-proxy.service", "openai-proxy.socket",
+                                            "openai-proxy@1.service"))],
+            env=clean_environment(SYSTEMD_LOG_LEVEL="notice"), name="verify")
+        complaints = [line for line in (process.stdout() + process.stderr()).splitlines()
+                      if "openai-proxy" in line]
+        self.assertEqual(complaints, [])
+        self.assertEqual(process.exited(), 0)
+        # The socket unit shares one socket between instances; the template inherits it.
+        self.assertEqual(unit_settings(os.path.join(misc, "openai-proxy.socket"), "Accept"), ["no"])
+        template = os.path.join(misc, "openai-proxy@.service")
+        self.assertEqual(unit_settings(template, "Sockets"), ["openai-proxy.socket"])
+        self.assertIn("--listen systemd:domain=INET:index=0", unit_settings(template, "ExecStart")[0])
+        for unit in (UNIT, template):
+            self.assertEqual(unit_settings(unit, "ExecReload"), ["/bin/kill -HUP $MAINPID"])
+            self.assertEqual(unit_settings(unit, "SuccessExitStatus"), ["SIGTERM SIGINT"])
