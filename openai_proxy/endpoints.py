@@ -10,10 +10,12 @@ socket is created and bound here and handed to the reactor with ``IReactorSocket
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IReactorSocket,
     IStreamServerEndpoint,
@@ -32,8 +34,8 @@ class ReusePortEndpoint:
     Listens on ``interface:port`` (``interface`` an IPv4 or IPv6 address; default all IPv4 addresses)
     with ``SO_REUSEADDR`` and ``SO_REUSEPORT`` set.
 
-    ``listen`` fails (with the ``OSError``, e.g. ``EADDRINUSE``) when another socket without
-    ``SO_REUSEPORT``, or one owned by another user, holds the port.
+    ``listen`` fails with ``CannotListenError`` (like ``tcp:``; e.g. ``EADDRINUSE``) when another socket
+    without ``SO_REUSEPORT``, or one owned by another user, holds the port.
     """
 
     def __init__(self, reactor: IReactorSocket, port: int, interface: str = "", backlog: int = DEFAULT_BACKLOG):
@@ -54,8 +56,11 @@ class ReusePortEndpoint:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((interface, self._port))
-            sock.listen(self._backlog)
+            try:
+                sock.bind((interface, self._port))
+                sock.listen(self._backlog)
+            except OSError as e:
+                raise CannotListenError(interface, self._port, e) from None
             sock.setblocking(False)
             # The reactor duplicates the descriptor; this one is closed below either way.
             return self._reactor.adoptStreamPort(sock.fileno(), family, factory)
@@ -86,7 +91,7 @@ class ReusePortParser:
         interface = str(kwargs.get("interface", ""))
         if interface:
             try:
-                socket.getaddrinfo(interface, None, flags=socket.AI_NUMERICHOST)
-            except socket.gaierror:
+                ipaddress.ip_address(interface)
+            except ValueError:
                 raise ValueError(f"reuseport: interface {interface!r} is not an IP address") from None
         return ReusePortEndpoint(reactor, port, interface, backlog)
