@@ -62,7 +62,7 @@ from openai_proxy import __version__, errors
 __all__ = ["Metrics", "SessionMeter", "render_prometheus", "SAMPLE_EVERY"]
 
 #: One message in this many (per session and direction) has its handling time recorded.
-SAMPLE_EVERY = 16
+SAMPLE_EVERY = 64
 OTHER = "other"
 
 #: Deepgram Voice Agent v1 client messages (reference/deepgram-voice-agent-v1.md).

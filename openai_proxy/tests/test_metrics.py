@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
 from openai_proxy import errors
-from openai_proxy.metrics import OTHER, Metrics, SessionMeter
+from openai_proxy.metrics import OTHER, SAMPLE_EVERY, Metrics, SessionMeter
 from openai_proxy.tests.helpers import Daemon, connect_client, default_settings, wait
 from openai_proxy.web import make_metrics_site
 
@@ -39,6 +39,16 @@ def value(found: dict[str, list[Any]], name: str, **attributes: str) -> Any:
         if dict(point.attributes or {}) == attributes:
             return point.value if hasattr(point, "value") else point
     return None
+
+
+@defer.inlineCallbacks
+def until(condition: Any, timeout: float = 5.0) -> Any:
+    """Wait (polling the reactor, bounded) until ``condition()`` holds; fail the test otherwise."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not true within {timeout}s")
+        yield wait(0.01)
 
 
 class _Plan:
@@ -165,8 +175,10 @@ class InstrumentTests(SynchronousTestCase):
             self.addCleanup(metrics.shutdown)
             self.assertEqual(metrics.problems, [])
             self.assertEqual(len(metrics.readers), 1, environ)
+        collector = _Collector()
+        self.addCleanup(collector.stop)
         metrics = Metrics(environ={"OTEL_METRICS_EXPORTER": "console,otlp",
-                                   "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+                                   "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}"})
         self.addCleanup(metrics.shutdown)
         self.assertEqual(len(metrics.problems), 1)
         self.assertIn("'console'", metrics.problems[0])
@@ -275,13 +287,22 @@ class DaemonMetricsTests(TestCase):
                                  type="response.output_audio.delta"), 0)
         self.assertAlmostEqual(value(found, "openai_proxy.audio", direction="in"), 0.1)
         self.assertAlmostEqual(value(found, "openai_proxy.audio", direction="out"), len(client.audio) / 48000)
+        # One client frame in SAMPLE_EVERY has its handling time recorded.
+        for _ in range(SAMPLE_EVERY):
+            client.sendMessage(b"\x00\x00" * 240, isBinary=True)
+        # Frames are handled in order: once this message's Error is back, all of them were handled.
+        client.send_json({"type": "Teleport"})
+        yield client.expect("Error")
+        [timed] = [p for p in points(reader)["openai_proxy.relay.latency"]
+                   if dict(p.attributes) == {"direction": "client_to_upstream"}]
+        self.assertEqual(timed.count, 1)
         code, text = yield self.get("/metrics")
         self.assertEqual(code, 200)
         self.assertIn("openai_proxy_sessions_active 1\n", text)
+        self.assertIn('openai_proxy_relay_latency_seconds_count{direction="client_to_upstream"} 1\n', text)
         self.assertIn('openai_proxy_messages_total{direction="client_in",type="InjectUserMessage"} 1\n', text)
         client.dropConnection(abort=True)
-        yield wait(0.1)
-        self.assertEqual(value(points(reader), "openai_proxy.sessions.active"), 0)
+        yield until(lambda: value(points(reader), "openai_proxy.sessions.active") == 0)
 
     @defer.inlineCallbacks
     def test_metrics_behind_the_client_tokens(self) -> None:
