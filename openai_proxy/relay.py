@@ -368,7 +368,9 @@ class UpstreamConnector:
         factory.setProtocolOptions(
             # The link's own timer (same limit, started earlier) reports UPSTREAM_TIMEOUT first.
             openHandshakeTimeout=self.config.limits.handshake_timeout * 2,
-            closeHandshakeTimeout=1.0,
+            # No Autobahn close-handshake timer: UpstreamLink.close aborts a slow upstream itself after 1 s,
+            # with a timer it cancels when the socket closes (Autobahn's batched timers outlive a cancel).
+            closeHandshakeTimeout=0,
             # Upstream events (session.updated with long instructions, audio deltas) can be large.
             maxMessagePayloadSize=16 * 1024 * 1024,
             maxFramePayloadSize=16 * 1024 * 1024,
