@@ -7,8 +7,8 @@ tokens themselves, from the environment or the ``.env`` file), the server-side f
 the next WebSocket upgrade and the next server-side function call; open sessions carry on.
 
 Anything else that changed is reported as needing a restart.  A configuration that does not build
-(an unreadable or empty tokens file, a bad prefix …) is logged and the running settings stay as they
-were.
+(an unreadable or empty tokens file, a bad prefix …), or one that would turn client authentication off,
+is logged and the running settings stay as they were.
 """
 
 from __future__ import annotations
@@ -87,6 +87,14 @@ class Reloader:
             self._count("failed")
             return False
         old: Config = self._factory.config
+        if old.client_tokens and not new.client_tokens:
+            # A truncated .env file must not open the daemon to everyone.
+            _log.error(
+                "reload failed; the running settings stay: client tokens cannot be removed by a reload "
+                "(restart to turn client authentication off)"
+            )
+            self._count("failed")
+            return False
         factory = self._factory
         if new.function_url_prefixes and factory.function_caller is None:
             factory.function_caller = self._make_caller(new)

@@ -185,6 +185,12 @@ class ReloadTests(SystemTestCase):
         self.assertIn("--function-url-prefixes", record["body"])
         self.assertEqual(_status(daemon.port, "env-four"), 401)
         self.assertEqual(_status(daemon.port, "env-three"), 101)
+        # A .env file without tokens would turn authentication off: refused too.
+        self.write(".env", "# emptied by mistake\n")
+        record = self.reload(daemon, "reload failed")
+        self.assertIn("cannot be removed by a reload", record["body"])
+        self.assertEqual(_status(daemon.port, None), 401)
+        self.assertEqual(_status(daemon.port, "env-three"), 101)
         # The process is still the same one, serving.
         self.assertIsNone(daemon.exited())
 

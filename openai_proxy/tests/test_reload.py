@@ -103,6 +103,18 @@ class ReloaderTests(SynchronousTestCase):
         self.assertIn("holds no token", errors[0]["problem"])
         self.assertEqual(value(points(self.reader), "openai_proxy.reloads", outcome="failed"), 2)
 
+    def test_reload_never_turns_authentication_off(self) -> None:
+        self.next = dataclasses.replace(self.base, client_tokens=frozenset())
+        self.assertFalse(self.reloader.reload())
+        self.assertEqual(self.factory.config.client_tokens, frozenset({"a"}))
+        [error] = [e for e in self.events if e.get("log_level") == LogLevel.error]
+        self.assertIn("cannot be removed by a reload", error["log_format"])
+        # Turning it on is fine.
+        self.factory.config = dataclasses.replace(self.base, client_tokens=frozenset())
+        self.next = self.base
+        self.assertTrue(self.reloader.reload())
+        self.assertEqual(self.factory.config.client_tokens, frozenset({"a"}))
+
     def test_signal_handler_defers_to_the_reactor(self) -> None:
         previous = signal.getsignal(signal.SIGHUP)
         self.reloader.install()
