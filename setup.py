@@ -45,12 +45,18 @@ setup(
             "hypothesis>=6.100",
             # Drives the system's Chromium in tests/test_browser.py (never downloads a browser).
             "playwright>=1.40",
+            # The OTLP metric export is tested against a local collector stub.
+            "opentelemetry-exporter-otlp-proto-http>=1.25",
+            # Validates the Kubernetes examples offline (it ships the schemas).
+            "kubernetes-validate>=1.28",
         ],
         "dev": [
             "openai>=2.0",
             "deepgram-sdk>=7.17",
             "hypothesis>=6.100",
             "playwright>=1.40",
+            "opentelemetry-exporter-otlp-proto-http>=1.25",
+            "kubernetes-validate>=1.28",
             "mypy>=1.10",
             "mypy-zope>=1.0",
             "ruff>=0.5",

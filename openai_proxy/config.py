@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -104,6 +105,14 @@ class Config:
         An unreadable or empty token file gives no header (the upstream then refuses: UPSTREAM_AUTH_FAILED).
         """
         return upstream_auth_headers(self)
+    #: Browser origins (``scheme://host[:port]``, ``*`` globs, or ``null``) allowed to open sessions;
+    #: empty: any.  Requests without an ``Origin`` header (non-browser clients) are never refused by it.
+    allowed_origins: tuple[str, ...] = ()
+    #: Endpoints serving only ``/metrics`` (and the health checks); when set, ``--listen`` endpoints do
+    #: not serve ``/metrics``.
+    metrics_listen: tuple[str, ...] = ()
+    #: ``/metrics`` answers 401 without a client token (needs client tokens to be configured).
+    metrics_require_token: bool = False
 
     def model_allowed(self, name: str) -> bool:
         """Whether a client's Settings may choose the realtime model ``name``."""
@@ -207,6 +216,32 @@ def _positive_number(value: Any, setting: str, *, integer: bool = False, allow_z
     if number < 0 or (number == 0 and not allow_zero):
         raise ConfigError(f"{setting}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return number
+
+
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://[^/\s?#]+", re.IGNORECASE)
+
+
+def _check_origins(value: str) -> tuple[str, ...]:
+    origins = _split_list(value)
+    if not origins:
+        raise ConfigError("--allowed-origins: the list is empty")
+    for origin in origins:
+        if origin.lower() != "null" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError(
+                f"--allowed-origins: {origin!r} is not an origin (scheme://host[:port], or null)"
+            )
+    return origins
+
+
+def _flag(value: Any, setting: str) -> bool:
+    if isinstance(value, bool) or isinstance(value, int):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{setting}: expected 1/0, true/false, yes/no or on/off, got {value!r}")
 
 
 def _listen_from_env(value: str) -> tuple[str, ...]:
@@ -367,6 +402,19 @@ def build_config(
             )
     limits = Limits(**limits_values)
 
+    origins_raw = pick("allowed-origins", "OPENAI_PROXY_ALLOWED_ORIGINS")
+    allowed_origins = _check_origins(origins_raw) if origins_raw else ()
+
+    metrics_raw = options.get("metrics-listen") or env.get("OPENAI_PROXY_METRICS_LISTEN", "")
+    metrics_listen = tuple(metrics_raw) if isinstance(metrics_raw, (list, tuple)) else _split_list(metrics_raw)
+    require_raw = options.get("metrics-require-token") or env.get("OPENAI_PROXY_METRICS_REQUIRE_TOKEN", "")
+    metrics_require_token = _flag(require_raw, "--metrics-require-token")
+    if metrics_require_token and not client_tokens:
+        raise ConfigError(
+            "--metrics-require-token: no client tokens are configured (--client-tokens-file or "
+            "OPENAI_PROXY_CLIENT_TOKENS)"
+        )
+
     return Config(
         api_key=api_key,
         listen=listen,
@@ -384,6 +432,9 @@ def build_config(
         **_client_facing(options, env, simulator),
         upstream_kind=upstream_kind,
         azure_ad_token_file=azure_ad_token_file,
+        allowed_origins=allowed_origins,
+        metrics_listen=metrics_listen,
+        metrics_require_token=metrics_require_token,
     )
 
 

@@ -214,6 +214,10 @@ class FunctionCaller:
         self._client = http_client
         self._in_flight: set[Deferred[str]] = set()
 
+    def set_prefixes(self, prefixes: Sequence[str]) -> None:
+        """Replace the URL prefixes calls may go to (a configuration reload); calls in flight go on."""
+        self._prefixes = tuple(prefixes)
+
     def call(self, endpoint: Endpoint, name: str, arguments: str) -> Deferred[str]:
         """Call ``endpoint`` for the function ``name`` with the model's ``arguments`` (a JSON string).
 

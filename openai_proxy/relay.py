@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from typing import Any, cast
@@ -50,6 +49,7 @@ from openai_proxy import errors
 from openai_proxy import session as s
 from openai_proxy.config import Config
 from openai_proxy.functions import FunctionCaller
+from openai_proxy.metrics import KNOWN_CODES, SAMPLE_EVERY, Metrics, SessionMeter, bounded
 from openai_proxy.telemetry import REDACTED, parse_trace_id, redact
 from openai_proxy.translate import messages as m
 from openai_proxy.wsclose import cancel_close_handshake_timer
@@ -368,6 +368,7 @@ class UpstreamLink:
     def _write(self, event: dict[str, Any]) -> None:
         assert self._protocol is not None
         if self._owner is not None:
+            self._owner.factory.registry.metrics.upstream_message(event)
             self._owner.log_message("daemon->upstream", event)
         self._protocol.sendMessage(
             json.dumps(event, separators=(",", ":"), allow_nan=False).encode("utf-8"))
@@ -521,7 +522,9 @@ class UpstreamConnector:
         factory.setProtocolOptions(
             # The link's own timer (same limit, started earlier) reports UPSTREAM_TIMEOUT first.
             openHandshakeTimeout=self.config.limits.handshake_timeout * 2,
-            closeHandshakeTimeout=1.0,
+            # No Autobahn close-handshake timer: UpstreamLink.close aborts a slow upstream itself after 1 s,
+            # with a timer it cancels when the socket closes (Autobahn's batched timers outlive a cancel).
+            closeHandshakeTimeout=0,
             # Upstream events (session.updated with long instructions, audio deltas) can be large.
             maxMessagePayloadSize=16 * 1024 * 1024,
             maxFramePayloadSize=16 * 1024 * 1024,
@@ -601,6 +604,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self.flow: _Flow | None = None
         self._faults: _FaultLog | None = None
         self._stall_abort: Any = None
+        self._meter: SessionMeter  # set with the session, in onOpen
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -643,13 +647,17 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         try:
-            return self._accept(request)
-        except ConnectionDeny:
+            subprotocol = self._accept(request)
+        except ConnectionDeny as e:
+            self.factory.registry.record_handshake(e.code)
             raise
         except Exception:
             # Autobahn would turn this into a bare HTTP 500 and the reason would vanish.
             _log.failure("accepting a client failed")
+            self.factory.registry.record_handshake(500)
             raise ConnectionDeny(500, "internal error") from None
+        self.factory.registry.record_handshake(None)
+        return subprotocol
 
     def _accept(self, request: ConnectionRequest) -> str | None:
         registry = self.factory.registry
@@ -694,6 +702,8 @@ class ClientProtocol(WebSocketServerProtocol):
     def _open(self) -> None:
         self.session = s.Session(self.factory.session_options, now=self.factory.reactor.seconds)
         self.request_id = self.session.request_id
+        self._meter = self.factory.registry.metrics.session_meter()
+        self._meter.session = self.session
         self.factory.registry.add(self)
         _log.info("client connected from {peer}", peer=self.peer, **self.log_fields)
         self._carry_out(self.session.start())
@@ -701,8 +711,15 @@ class ClientProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is None or self._gone:
             return
+        meter = self._meter
+        if isBinary:
+            meter.audio_in_bytes += len(payload)
+        meter.frames_in += 1
         try:
-            self._handle_client_message(payload, isBinary)
+            if meter.frames_in % SAMPLE_EVERY:
+                self._handle_client_message(payload, isBinary)
+            else:
+                meter.time("client_to_upstream", self._handle_client_message, payload, isBinary)
         except Exception:
             self._internal_error()
 
@@ -713,8 +730,11 @@ class ClientProtocol(WebSocketServerProtocol):
         else:
             # Autobahn has already validated the UTF-8 of text frames (1007 otherwise).
             text = payload.decode("utf-8", "replace")
+            # Client text messages are few (audio is binary): peeking at the type is cheap enough.
+            message_type = _peek_type(text)
+            self._meter.client_message(message_type)
             if self.factory.debug:
-                self.log_message("client->daemon", _peek_type(text))
+                self.log_message("client->daemon", message_type)
             outputs = self.session.client_text(text)
         self._carry_out(outputs)
 
@@ -740,6 +760,7 @@ class ClientProtocol(WebSocketServerProtocol):
             **self.log_fields,
         )
         self._carry_out(self.session.client_closed())
+        self._meter.finish()
         for call in self._timers.values():
             if call.active():
                 call.cancel()
@@ -809,13 +830,24 @@ class ClientProtocol(WebSocketServerProtocol):
         if self.session is None:
             return
         self.log_message("upstream->daemon", event)
+        meter = self._meter
+        meter.upstream_event(event, self.factory.reactor.seconds)
+        meter.events_in += 1
         # (The session logs upstream error events at the default level.)
         try:
-            self._carry_out(self.session.upstream_event(event))
+            if meter.events_in % SAMPLE_EVERY:
+                self._carry_out(self.session.upstream_event(event))
+            else:
+                meter.time("upstream_to_client", self._upstream_event, event)
         except Exception:
             self._internal_error()
 
+    def _upstream_event(self, event: dict[str, Any]) -> None:
+        assert self.session is not None
+        self._carry_out(self.session.upstream_event(event))
+
     def upstream_failed(self, code: str, description: str) -> None:
+        self.factory.registry.metrics.upstream_error(code)
         if self.session is not None:
             self._carry_out(self.session.upstream_failed(code, description))
 
@@ -851,6 +883,7 @@ class ClientProtocol(WebSocketServerProtocol):
                     self.sendMessage(json.dumps(message, allow_nan=False).encode("utf-8"),
                                      isBinary=False)
             elif isinstance(output, s.SendClientAudio):
+                self._meter.audio_out_bytes += len(output.data)
                 if self.state == self.STATE_OPEN:
                     self.sendMessage(output.data, isBinary=True)
             elif isinstance(output, s.SendUpstream):
@@ -938,22 +971,20 @@ def _peek_type(text: str) -> str | None:
     return _safe_type(message)
 
 
-#: Distinct (type, code) pairs ``/metrics`` counts separately; the rest are counted as ``OTHER``.
-MAX_COUNTED_CODES = 100
-_LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
-
-
 class SessionRegistry(Service):
     """
     The open sessions.  Stopping it drains: no new sessions, open ones get ``grace`` seconds to finish and
     are then closed with 1001.
     """
 
-    def __init__(self, clock: IReactorTime, grace: float) -> None:
+    def __init__(self, clock: IReactorTime, grace: float, metrics: Metrics | None = None) -> None:
         self._clock = clock
         self._grace = grace
         self._sessions: set[ClientProtocol] = set()
         self.draining = False
+        #: The process's instruments (``/metrics``, OTLP); a private set when none is given.
+        self.metrics = metrics if metrics is not None else Metrics(environ={})
+        self.metrics.observe_registry(lambda: len(self._sessions), lambda: self.draining)
         self._drained: list[defer.Deferred[None]] = []
         #: Sessions opened since the start.
         self.sessions_total = 0
@@ -968,18 +999,15 @@ class SessionRegistry(Service):
         self.sessions_total += 1
 
     def count_client_message(self, message: dict[str, Any]) -> None:
-        """
-        Count an ``Error`` or ``Warning`` on its way to a client (for ``/metrics``).  Codes become label
-        values: characters other than letters, digits, ``_``, ``.`` and ``-`` become ``_``, at most 64 are
-        kept, and past :data:`MAX_COUNTED_CODES` distinct codes the rest are counted as ``OTHER`` (an
-        upstream can send any code).
-        """
+        """Count an ``Error`` or ``Warning`` on its way to a client (for ``/metrics``)."""
+        self.metrics.client_message(message)
         if message.get("type") in ("Error", "Warning"):
-            code = _LABEL_UNSAFE.sub("_", str(message.get("code")))[:64]
-            key = (message["type"], code)
-            if key not in self.client_errors and len(self.client_errors) >= MAX_COUNTED_CODES:
-                key = (message["type"], "OTHER")
-            self.client_errors[key] += 1
+            code = bounded(message.get("code"), KNOWN_CODES)
+            self.client_errors[(message["type"], code)] += 1
+
+    def record_handshake(self, status: int | None) -> None:
+        """Count an opening handshake: ``None`` when accepted, else the HTTP status it was refused with."""
+        self.metrics.handshake(status)
 
     def remove(self, protocol: ClientProtocol) -> None:
         self._sessions.discard(protocol)

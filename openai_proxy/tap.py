@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
@@ -21,8 +22,10 @@ from twisted.python import usage
 from openai_proxy import __version__
 from openai_proxy.config import Config, ConfigError, build_config
 from openai_proxy.functions import FunctionCaller
+from openai_proxy.metrics import Metrics
 from openai_proxy.relay import ClientFactory, SessionRegistry, UpstreamConnector
-from openai_proxy.web import make_site
+from openai_proxy.reload import Reloader
+from openai_proxy.web import make_metrics_site, make_site
 
 _log = Logger(namespace="openai_proxy")
 
@@ -77,12 +80,34 @@ class Options(usage.Options):
                                       "upstream URL is an Azure OpenAI host, else openai]."],
         ["azure-ad-token-file", None, None, "Azure: file holding a Microsoft Entra token, re-read for "
                                             "every session [AZURE_OPENAI_AD_TOKEN_FILE]."],
+        ["allowed-origins", None, None, "Comma-separated browser origins (scheme://host[:port], * globs, "
+                                        "null) allowed to connect [OPENAI_PROXY_ALLOWED_ORIGINS; any]."],
+    ]
+    optFlags += [
+        ["metrics-require-token", None, "/metrics answers 401 without a client token "
+                                        "[OPENAI_PROXY_METRICS_REQUIRE_TOKEN]."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["metrics-listen"] = []
         self.config: Config | None = None
+
+    def opt_metrics_listen(self, description: str) -> None:
+        """Endpoint serving /metrics (then not served on --listen), repeatable [OPENAI_PROXY_METRICS_LISTEN]."""
+        self["metrics-listen"].append(description)
+
+    def parseOptions(self, options: Any = None) -> None:
+        """Parse; a usage error (unknown option, missing value) is one line on stderr and exit 78."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            problem = " ".join(str(e).split())
+            sys.stderr.write(
+                f"openai-proxy: configuration error: {problem} (twistd openai-proxy --help lists the options)\n"
+            )
+            raise SystemExit(78) from None  # EX_CONFIG
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, repeatable (e.g. tcp:8080:interface=127.0.0.1) [OPENAI_PROXY_PORT; tcp:8080]."""
@@ -97,13 +122,14 @@ class Options(usage.Options):
         try:
             self.config = build_config(self)
             _check_endpoints(self.config.listen)
+            _check_endpoints(self.config.metrics_listen, "--metrics-listen")
         except ConfigError as e:
             # One clear line and a non-zero exit: the usage text would bury it.
             sys.stderr.write(f"openai-proxy: configuration error: {e}\n")
             raise SystemExit(78) from None  # EX_CONFIG
 
 
-def _check_endpoints(descriptions: tuple[str, ...]) -> None:
+def _check_endpoints(descriptions: tuple[str, ...], setting: str = "--listen") -> None:
     from twisted.internet import reactor
 
     for description in descriptions:
@@ -112,7 +138,7 @@ def _check_endpoints(descriptions: tuple[str, ...]) -> None:
         except Exception as e:
             # Endpoint parsers raise whatever their arguments provoke (ValueError, OSError for a missing
             # key file, IndexError for a systemd socket that was not passed …).
-            raise ConfigError(f"--listen: bad endpoint {description!r}: {e!r}") from None
+            raise ConfigError(f"{setting}: bad endpoint {description!r}: {e!r}") from None
 
 
 #: Descriptors kept for what the limits do not count: listening sockets, the log, function calls.
@@ -182,6 +208,8 @@ class DaemonService(MultiService):
         self.config = config
         self.registry = registry
         self._log_observer = log_observer
+        #: Applies SIGHUP reloads (set by :func:`build_service` when it can reload).
+        self.reloader: Reloader | None = None
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -198,6 +226,8 @@ class DaemonService(MultiService):
             endpoints=", ".join(self.config.listen),
             upstream="built-in simulator" if self.config.simulator else self.config.upstream_url,
         )
+        if self.reloader is not None:
+            self.reloader.install()
         _sd_notify("READY=1")
 
     def stopService(self) -> Any:
@@ -206,6 +236,8 @@ class DaemonService(MultiService):
         WebSocket upgrades are refused with 503.
         """
         _sd_notify("STOPPING=1")
+        if self.reloader is not None:
+            self.reloader.uninstall()
         d = defer.maybeDeferred(self.registry.stopService)
         d.addBoth(lambda _: MultiService.stopService(self))
         return d
@@ -250,9 +282,24 @@ class _Closer(Service):
         return self._close()
 
 
-def build_service(config: Config, reactor: Any, log_observer: Any = None) -> DaemonService:
-    """The daemon's service tree for ``config`` (used by :func:`makeService` and by tests)."""
-    registry = SessionRegistry(reactor, config.limits.shutdown_grace)
+def build_service(
+    config: Config,
+    reactor: Any,
+    log_observer: Any = None,
+    reload: Callable[[], Config] | None = None,
+    metrics: Metrics | None = None,
+) -> DaemonService:
+    """
+    The daemon's service tree for ``config`` (used by :func:`makeService` and by tests).
+
+    ``reload``: builds the configuration again for SIGHUP (no SIGHUP handling without it).
+    ``metrics``: the instruments (default: exporters chosen by the ``OTEL_*`` environment variables).
+    """
+    if metrics is None:
+        metrics = Metrics()
+    for problem in metrics.problems:
+        _log.warn("{problem}", problem=problem)
+    registry = SessionRegistry(reactor, config.limits.shutdown_grace, metrics)
     root = DaemonService(config, registry, log_observer)
     url_for = None
     if config.simulator:
@@ -280,6 +327,25 @@ def build_service(config: Config, reactor: Any, log_observer: Any = None) -> Dae
     site = make_site(factory, registry, timeout=config.limits.handshake_timeout, demo=config.demo)
     for description in config.listen:
         strports.service(description, site, reactor=reactor).setServiceParent(root)
+    if config.metrics_listen:
+        metrics_site = make_metrics_site(factory, registry, timeout=config.limits.handshake_timeout)
+        for description in config.metrics_listen:
+            strports.service(description, metrics_site, reactor=reactor).setServiceParent(root)
+    if caller is None:
+        # A reload may turn server-side functions on; close that caller on the way out.
+        _Closer(lambda: factory.function_caller.close() if factory.function_caller else None).setServiceParent(root)
+    _Closer(metrics.shutdown).setServiceParent(root)
+    if reload is not None:
+
+        def make_caller(new: Config) -> FunctionCaller:
+            return FunctionCaller(
+                reactor,
+                timeout=config.limits.function_timeout,
+                max_response_bytes=config.limits.function_max_response_bytes,
+                prefixes=new.function_url_prefixes,
+            )
+
+        root.reloader = Reloader(reactor, factory, reload, make_caller, metrics)
     return root
 
 
@@ -306,7 +372,7 @@ def makeService(options: Options) -> IService:
     # Flush the exporters on the way out (the SDK's atexit hook is only a fallback).
     reactor.addSystemEventTrigger("after", "shutdown", observer.shutdown)
     try:
-        return build_service(config, reactor, observer)
+        return build_service(config, reactor, observer, reload=lambda: build_config(options))
     except ConfigError as e:
         sys.stderr.write(f"openai-proxy: configuration error: {e}\n")
         raise SystemExit(78) from None

@@ -6,7 +6,10 @@ The HTTP side: one ``twisted.web`` site serving the WebSocket routes and the hea
 - ``/healthz`` — 200 while the process runs; ``/readyz`` — 200 when sessions are accepted, 503 while draining;
 - ``/metrics`` — session and error counters in Prometheus' text format;
 - ``/demo`` — the browser demo page, when enabled (``--demo``, on by default with ``--simulator``);
-- anything else — 404.
+- anything else — 404, sub-paths of the WebSocket routes included (SPEC §2).
+
+A browser's upgrade (one with an ``Origin`` header) is refused with 403 unless its origin is in
+``--allowed-origins`` (when that list is set; SPEC §7).
 
 Every connection starts as a *pending* connection (plain HTTP, or a request still arriving) and stops
 being one when it becomes a WebSocket session.  Pending connections are bounded both in number
@@ -18,6 +21,7 @@ answers 408 and closes.
 
 from __future__ import annotations
 
+import fnmatch
 from collections import OrderedDict
 from typing import Any
 
@@ -27,14 +31,17 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import Request, Site
 
-from openai_proxy.relay import ClientFactory, SessionRegistry
+from openai_proxy.relay import ClientFactory, SessionRegistry, token_matches
+
+_log = Logger(namespace="openai_proxy")
 
 
 class _Health(Resource):
-    isLeaf = True
+    # Not a leaf: a sub-path falls through to Resource.getChild, a 404.
+    isLeaf = False
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -47,7 +54,8 @@ class _Health(Resource):
 
 
 class _Ready(Resource):
-    isLeaf = True
+    # Not a leaf: a sub-path falls through to Resource.getChild, a 404.
+    isLeaf = False
 
     def __init__(self, registry: SessionRegistry) -> None:
         super().__init__()
@@ -67,39 +75,98 @@ class _Ready(Resource):
 
 
 class _Metrics(Resource):
-    """Prometheus text exposition of the daemon's counters."""
+    """
+    Prometheus text exposition of the daemon's instruments (``openai_proxy.metrics``).  With
+    ``metrics_require_token`` in the configuration, a request without a valid client token
+    (``Authorization: Token <t>`` or ``Bearer <t>``) gets 401.
+    """
+
+    isLeaf = False
+
+    def __init__(self, registry: SessionRegistry, factory: ClientFactory | None = None) -> None:
+        super().__init__()
+        self._registry = registry
+        self._factory = factory
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        config = getattr(self._factory, "config", None)
+        if config is not None and getattr(config, "metrics_require_token", False):
+            scheme, _, presented = (request.getHeader(b"authorization") or b"").decode("latin-1").strip().partition(" ")
+            if scheme.lower() not in ("token", "bearer") or not token_matches(presented.strip(), config.client_tokens):
+                request.setResponseCode(401)
+                request.setHeader(b"www-authenticate", b'Bearer realm="openai-proxy metrics"')
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                return b"a valid token is required\n"
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self._registry.metrics.prometheus_text().encode("utf-8")
+
+
+def make_metrics_site(factory: ClientFactory, registry: SessionRegistry, timeout: float = 60.0) -> Site:
+    """The ``--metrics-listen`` site: ``/metrics``, ``/healthz`` and ``/readyz``; 404 elsewhere."""
+    root = _Directory()
+    root.putChild(b"metrics", _Metrics(registry, factory))
+    root.putChild(b"healthz", _Health())
+    root.putChild(b"readyz", _Ready(registry))
+    site = _DaemonSite(root, timeout=timeout, request_timeout=timeout,
+                       max_pending=factory.config.limits.max_pending_connections)
+    site.displayTracebacks = False
+    return site
+
+
+def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """
+    Whether a browser's ``Origin`` (``scheme://host[:port]``, or ``null``) is in ``allowed``.
+
+    Entries are origins, compared case-insensitively; ``*`` in an entry matches any run of characters
+    (``https://*.example.com``).  An empty ``allowed`` allows every origin.
+    """
+    if not allowed:
+        return True
+    candidate = origin.strip().lower()
+    return any(fnmatch.fnmatchcase(candidate, entry.lower()) for entry in allowed)
+
+
+class _WebSocketRoute(Resource):
+    """
+    One WebSocket route: only its exact path (a query string is fine) reaches the WebSocket resource;
+    sub-paths are 404 (SPEC §2).  A request with an ``Origin`` outside the allow-list is 403 before the
+    upgrade (SPEC §7).  The allow-list is read from ``factory.config`` on every request, so a reloaded
+    configuration applies to the next upgrade.
+    """
 
     isLeaf = True
 
-    def __init__(self, registry: SessionRegistry) -> None:
+    def __init__(self, factory: ClientFactory, websocket: IResource) -> None:
         super().__init__()
-        self._registry = registry
+        self._factory = factory
+        self._websocket = websocket
 
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        registry = self._registry
-        lines = [
-            "# HELP openai_proxy_sessions Open client sessions.",
-            "# TYPE openai_proxy_sessions gauge",
-            f"openai_proxy_sessions {len(registry)}",
-            "# HELP openai_proxy_sessions_total Client sessions opened since the start.",
-            "# TYPE openai_proxy_sessions_total counter",
-            f"openai_proxy_sessions_total {registry.sessions_total}",
-            "# HELP openai_proxy_draining 1 while the daemon drains for a shutdown.",
-            "# TYPE openai_proxy_draining gauge",
-            f"openai_proxy_draining {int(registry.draining)}",
-            "# HELP openai_proxy_client_errors_total Error and Warning messages sent to clients.",
-            "# TYPE openai_proxy_client_errors_total counter",
-        ]
-        for (kind, code), count in sorted(registry.client_errors.items()):
-            # Codes are UPPER_SNAKE or upstream snake_case: nothing to escape beyond quotes.
-            code = code.replace("\\", "").replace('"', "")
-            lines.append(f'openai_proxy_client_errors_total{{type="{kind}",code="{code}"}} {count}')
-        return ("\n".join(lines) + "\n").encode("utf-8")
+    def render(self, request: Request) -> Any:
+        if request.postpath:
+            # "/openai/x" and "/openai/" (postpath [b""]) are other paths.
+            return NoResource().render(request)
+        raw_origin = request.getHeader(b"origin")
+        origin = raw_origin.decode("latin-1") if raw_origin is not None else None
+        allowed: tuple[str, ...] = getattr(self._factory.config, "allowed_origins", ())
+        if origin is not None and not origin_allowed(origin, allowed):
+            _log.info("client refused: origin {origin!r} is not allowed", origin=origin[:200])
+            record = getattr(self._factory.registry, "record_handshake", None)
+            if record is not None:
+                record(403)
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"origin not allowed\n"
+        return self._websocket.render(request)
 
 
-_log = Logger(namespace="openai_proxy")
+class _Directory(Resource):
+    """A path that only holds children (``/``, ``/v1``, ``/v1/agent``): 404 itself, like any other path."""
+
+    def render(self, request: Request) -> bytes:
+        return NoResource().render(request)
+
+
 
 #: What a connection whose request did not arrive in time is told before it is closed.
 _REQUEST_TIMEOUT_BODY = b"the request did not arrive in time\n"
@@ -265,21 +332,23 @@ def make_site(
     demo: bool = False,
 ) -> Site:
     """
-    The daemon's site: WebSocket routes, health endpoints, the demo page when ``demo``, 404 elsewhere.  ``request_timeout`` (default
-    ``timeout``) is the total deadline of each HTTP request, ``max_pending`` (default the factory's
-    ``max_pending_connections``) the limit on connections that are not sessions.
+    The daemon's site: WebSocket routes, health endpoints, the demo page when ``demo``, 404 elsewhere.
+    ``request_timeout`` (default ``timeout``) is the total deadline of each HTTP request,
+    ``max_pending`` (default the factory's ``max_pending_connections``) the limit on connections that
+    are not sessions.
     """
-    root = Resource()
-    websocket = WebSocketResource(factory)
+    root = _Directory()
+    websocket = _WebSocketRoute(factory, WebSocketResource(factory))
     root.putChild(b"openai", websocket)
-    v1 = Resource()
-    agent = Resource()
+    v1 = _Directory()
+    agent = _Directory()
     root.putChild(b"v1", v1)
     v1.putChild(b"agent", agent)
     agent.putChild(b"converse", websocket)
     root.putChild(b"healthz", _Health())
     root.putChild(b"readyz", _Ready(registry))
-    root.putChild(b"metrics", _Metrics(registry))
+    if not getattr(factory.config, "metrics_listen", ()):
+        root.putChild(b"metrics", _Metrics(registry, factory))
     if demo:
         from openai_proxy.demo import DemoResource
 

@@ -44,6 +44,7 @@ class Daemon:
               **config: Any) -> Any:
         limits = config.pop("limits", Limits(handshake_timeout=5.0, ping_interval=0))
         simulator_options = config.pop("simulator_options", {})
+        metrics = config.pop("metrics", None)
         self.config = Config(**{"api_key": "sk-test-key", "simulator": True, "limits": limits, **config})
         if url_for is None:
             self.simulator_port, self.simulator = yield listen_simulator(
@@ -54,7 +55,7 @@ class Daemon:
             def url_for(model: str) -> str:
                 return f"ws://127.0.0.1:{sim_port}/v1/realtime?model={model}"
 
-        self.registry = SessionRegistry(reactor, self.config.limits.shutdown_grace)
+        self.registry = SessionRegistry(reactor, self.config.limits.shutdown_grace, metrics)
         connector = UpstreamConnector(reactor, self.config, url_for=url_for)
         self.caller = None
         if self.config.function_url_prefixes:

@@ -531,19 +531,23 @@ class DescriptorTests(TestCase):
 
 class ErrorCodeCounterTests(TestCase):
     def test_codes_from_a_peer_cannot_forge_or_grow_the_counters(self) -> None:
-        from openai_proxy.relay import MAX_COUNTED_CODES, SessionRegistry
+        from openai_proxy.metrics import KNOWN_CODES, OTHER
+        from openai_proxy.relay import SessionRegistry
 
         registry = SessionRegistry(Clock(), 0)
         registry.count_client_message({"type": "Error", "code": 'x"} 1\nforged_metric 999\n#'})
         for n in range(20_000):
             registry.count_client_message({"type": "Error", "code": f"code_{n}"})
         registry.count_client_message({"type": "Warning", "code": 5})
-        self.assertLessEqual(len(registry.client_errors), MAX_COUNTED_CODES + 2)
-        for _kind, code in registry.client_errors:
-            self.assertRegex(code, r"^[A-Za-z0-9_.\-]{1,64}$")
-        self.assertEqual(sum(registry.client_errors.values()), 20_002)
-        # The forged code and 99 others fill the 100 places; the rest are OTHER.
-        self.assertEqual(registry.client_errors[("Error", "OTHER")], 20_000 - (MAX_COUNTED_CODES - 1))
+        registry.count_client_message({"type": "Error", "code": "UNPARSABLE_CLIENT_MESSAGE"})
+        self.assertEqual(
+            dict(registry.client_errors),
+            {("Error", OTHER): 20_001, ("Warning", OTHER): 1, ("Error", "UNPARSABLE_CLIENT_MESSAGE"): 1},
+        )
+        self.assertIn("UNPARSABLE_CLIENT_MESSAGE", KNOWN_CODES)
+        text = registry.metrics.prometheus_text()
+        self.assertNotIn("forged_metric", text)
+        self.assertNotIn("code_1", text)
 
 
 class WaitingRequestsTests(_MemoryTestCase):

@@ -704,7 +704,7 @@ class MetricsTests(HttpTests):
         code, body = yield self.get("/metrics")
         self.assertEqual(code, 200)
         text = body.decode()
-        self.assertIn("openai_proxy_sessions 1\n", text)
+        self.assertIn("openai_proxy_sessions_active 1\n", text)
         self.assertIn("openai_proxy_sessions_total 1\n", text)
         self.assertIn('openai_proxy_client_errors_total{type="Error",code="UNSUPPORTED_CLIENT_MESSAGE"} 1',
                       text)
@@ -714,23 +714,30 @@ class _DeafUpstream(WebSocketServerProtocol):
     """Opens, then never answers a close frame (a peer that vanishes mid-closing-handshake)."""
 
     opened: list[_DeafUpstream] = []
+    close_frames = 0
 
     def onOpen(self) -> None:
         _DeafUpstream.opened.append(self)
 
     def onCloseFrame(self, code: Any, reasonRaw: Any) -> None:
+        _DeafUpstream.close_frames += 1
         return None
 
 
 def _batched_timer_calls() -> list[Any]:
-    """Reactor calls that carry Autobahn's batched timers (closing-handshake timeouts and the like)."""
-    return [c for c in reactor.getDelayedCalls() if getattr(c.func, "__name__", "") == "_notify_bucket"]
+    """
+    Reactor calls left for a closing handshake: Autobahn's batched timers (closing-handshake timeouts
+    and the like) and the upstream link's own abort of an unanswered close.
+    """
+    return [c for c in reactor.getDelayedCalls()
+            if getattr(c.func, "__name__", "") in ("_notify_bucket", "_abort")]
 
 
 class CloseTimerTests(_DaemonTestCase):
     @defer.inlineCallbacks
     def test_no_closing_handshake_timer_outlives_a_lost_connection(self) -> None:
         _DeafUpstream.opened = []
+        _DeafUpstream.close_frames = 0
         factory = WebSocketServerFactory()
         factory.protocol = _DeafUpstream
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -748,11 +755,12 @@ class CloseTimerTests(_DaemonTestCase):
         upstream = _DeafUpstream.opened[0]
         # The client leaves: the daemon starts the upstream's closing handshake, which is never answered.
         client.dropConnection(abort=True)
-        for _ in range(50):
-            if _batched_timer_calls():
+        for _ in range(100):
+            if _DeafUpstream.close_frames:
                 break
             yield wait(0.01)
-        self.assertNotEqual(_batched_timer_calls(), [], "the closing handshake never started")
+        self.assertEqual(_DeafUpstream.close_frames, 1, "the closing handshake never started")
+        self.assertNotEqual(_batched_timer_calls(), [], "nothing bounds the unanswered close")
         upstream.transport.abortConnection()
         for _ in range(100):
             if not upstream.transport.connected and not self.daemon.registry:
