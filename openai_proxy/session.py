@@ -472,7 +472,7 @@ class Session:
                 session_config(plan, transcription_model=self.options.transcription_model),
             )
         )
-        self._log("info", "settings accepted; model {model}", model=plan.model)
+        self._log("debug", "settings accepted; model {model}", model=plan.model)
 
     def _apply_new_settings(self, plan: SessionPlan) -> None:
         assert self.plan is not None
