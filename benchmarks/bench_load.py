@@ -34,8 +34,8 @@ time, and when bytes covering a position come out of the other side (``input_aud
 binary frames or deltas down), the delay of each covered sample is the arrival time minus the send time
 of the same sample.  Percentiles are over samples, so a proxy that coalesces frames or resamples in
 blocks shows the delay every part of its audio really gets.  ``lost`` is audio sent in the window that
-never came out; ``late`` is the share of frames whose last sample came out more than ``--late-ms`` after
-it was sent.
+never came out; ``late`` is the share of frames (client frames up, deltas down) more than half of whose
+audio came out more than ``--late-ms`` after it was sent.
 
 CPU is user + system time of the proxy's whole process tree (``/proc``) over the window, per
 session-second; RSS is the tree's peak resident memory in the window minus its RSS before the clients
@@ -201,13 +201,14 @@ class Matcher:
 
     def __init__(self, stats: DirectionStats) -> None:
         self.stats = stats
-        self.sent: deque[tuple[float, float, float, bool]] = deque()
+        #: [send time, start, end, inside the window, ms of it that came out late]
+        self.sent: deque[list[Any]] = deque()
         self.sent_end = 0.0
         self.received = 0.0
         self._late_seen = False
 
     def send(self, moment: float, ms: float, counted: bool) -> None:
-        self.sent.append((moment, self.sent_end, self.sent_end + ms, counted))
+        self.sent.append([moment, self.sent_end, self.sent_end + ms, counted, 0.0])
         self.sent_end += ms
 
     def arrive(self, moment: float, ms: float) -> None:
@@ -217,7 +218,8 @@ class Matcher:
         stats = self.stats
         sent = self.sent
         while sent:
-            sent_at, p0, p1, counted = sent[0]
+            head = sent[0]
+            sent_at, p0, p1, counted, _ = head
             if p0 >= q1:
                 break
             overlap = min(p1, q1) - max(p0, q0)
@@ -225,11 +227,14 @@ class Matcher:
             if counted and overlap > 0:
                 stats.delays.append(delay)
                 stats.weights.append(overlap)
+                if delay > stats.late_s:
+                    head[4] += overlap
             if p1 <= q1 + 1e-9:
                 sent.popleft()
                 if counted:
                     stats.frames += 1
-                    if delay > stats.late_s:
+                    # Late: most of the frame's audio came out after the limit.
+                    if head[4] > (p1 - p0) / 2:
                         stats.late += 1
             else:
                 break
@@ -237,7 +242,7 @@ class Matcher:
     def lost_ms(self) -> float:
         """Audio sent inside the window that never came out."""
         lost = 0.0
-        for _, p0, p1, counted in self.sent:
+        for _, p0, p1, counted, _ in self.sent:
             if counted:
                 lost += p1 - max(p0, self.received)
         return lost
@@ -794,7 +799,7 @@ COLUMNS = (
 def row(r: dict[str, Any]) -> str:
     up, dn = r["up"], r["down"]
     return (
-        f"{r['name']:<7} {r['sessions']:>4} {up[0]:>7.2f} {up[1]:>6.1f} {up[2]:>6.0f} {dn[0]:>8.2f} "
+        f"{r['name'][:7]:<7} {r['sessions']:>4} {up[0]:>7.2f} {up[1]:>6.1f} {up[2]:>6.0f} {dn[0]:>8.2f} "
         f"{dn[1]:>6.1f} {dn[2]:>6.0f} {r['cpu']:>5.2f} ms {r['rss']:>4.0f} KiB {r['appends']:>5.1f} "
         f"{r['lost_up']:>6.0f}/{r['lost_down']:<6.0f} {r['late_up']:>5.1f}/{r['late_down']:<6.1f} "
         f"{r['gen']:>3.0f}% {r['errors']:>3}"
@@ -807,7 +812,7 @@ def ratio(r: dict[str, Any], f: dict[str, Any]) -> str:
 
     up, dn, fu, fd = r["up"], r["down"], f["up"], f["down"]
     return (
-        f"{'÷floor':<7} {r['sessions']:>4} {x(up[0], fu[0]):>7} {x(up[1], fu[1]):>6} {x(up[2], fu[2]):>6} "
+        f"{r['name'][:5] + '÷fl':<7} {r['sessions']:>4} {x(up[0], fu[0]):>7} {x(up[1], fu[1]):>6} {x(up[2], fu[2]):>6} "
         f"{x(dn[0], fd[0]):>8} {x(dn[1], fd[1]):>6} {x(dn[2], fd[2]):>6} {x(r['cpu'], f['cpu']):>8} "
         f"{x(r['rss'], f['rss']):>8}"
     )
@@ -824,17 +829,30 @@ def reuseport_supported() -> bool:
         return False
 
 
+def proxies(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(label, template) of every ``--proxy-cmd``; ``LABEL=template`` names one."""
+    out = []
+    for n, value in enumerate(args.proxy_cmd or [DEFAULT_PROXY]):
+        match = re.match(r"^(\w{1,12})=(.*)$", value, re.S)
+        label, template = (match.group(1), match.group(2)) if match else (f"proxy{n or ''}", value)
+        out.append((label, template))
+    return out
+
+
 @defer.inlineCallbacks
 def main_run(reactor: Any, args: argparse.Namespace) -> Any:
     counts = [int(c) for c in args.sessions.split(",") if c.strip()]
-    proxy_cmd = args.proxy_cmd
+    commands = proxies(args)
     processes = args.processes
     if processes > 1:
         if not reuseport_supported():
             print(f"--processes {processes}: not measured: needs the reuseport endpoint")
             processes = 1
         else:
-            proxy_cmd = proxy_cmd.replace("--listen tcp:{port}:", "--listen reuseport:{port}:")
+            commands = [
+                (label, cmd.replace("--listen tcp:{port}:", "--listen reuseport:{port}:"))
+                for label, cmd in commands
+            ]
     rows: list[tuple[dict[str, Any] | None, dict[str, Any]]] = []
     workdir = tempfile.mkdtemp(prefix="bench-load-")
     if args.keep_logs:
@@ -846,26 +864,30 @@ def main_run(reactor: Any, args: argparse.Namespace) -> Any:
                 floor = yield measure(reactor, args, args.floor_cmd, "floor", count, 1, workdir,
                                       args.seconds)
                 print(row(floor), flush=True)
-            result = yield measure(reactor, args, proxy_cmd, "proxy", count, processes, workdir,
-                                   args.soak or args.seconds)
-            print(row(result), flush=True)
-            if result["first_error"]:
-                print(f"        first error: {result['first_error']}")
-            rows.append((floor, result))
+            for label, command in commands:
+                result = yield measure(reactor, args, command, label, count, processes, workdir,
+                                       args.soak or args.seconds)
+                print(row(result), flush=True)
+                if result["first_error"]:
+                    print(f"        first error: {result['first_error']}")
+                rows.append((floor, result))
     finally:
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(COLUMNS)
+    shown: set[int] = set()
     for floor, result in rows:
-        if floor is not None:
+        if floor is not None and id(floor) not in shown:
+            shown.add(id(floor))
             print(row(floor))
         print(row(result))
         if floor is not None:
             print(ratio(result, floor))
-    good = [r["sessions"] for _, r in rows if r["up"][1] < 20 and r["down"][1] < 20
-            and r["configured"] == r["sessions"]]
-    print(f"\nlargest N with p99 < 20 ms both ways: {max(good) if good else 'none'}")
+    for label, _ in commands:
+        good = [r["sessions"] for _, r in rows if r["name"] == label and r["up"][1] < 20
+                and r["down"][1] < 20 and r["configured"] == r["sessions"]]
+        print(f"\n{label}: largest N with p99 < 20 ms both ways: {max(good) if good else 'none'}")
     if args.soak:
         for _, result in rows:
             samples = result["samples"]
@@ -888,9 +910,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window per row (default 10)")
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds before the window (default 1.5)")
     parser.add_argument("--drain", type=float, default=0.5, help="seconds after it (default 0.5)")
-    parser.add_argument("--proxy-cmd", default=DEFAULT_PROXY,
-                        help="command template of the proxy under test ({port}, {upstream_port}, "
-                        "{upstream_url}, {python}, {twistd}, {here}); default: the installed daemon")
+    parser.add_argument("--proxy-cmd", action="append",
+                        help="command template of a proxy under test ({port}, {upstream_port}, "
+                        "{upstream_url}, {python}, {twistd}, {here}), LABEL=TEMPLATE to name it; "
+                        "repeat to compare several in one run; default: the installed daemon")
     parser.add_argument("--floor-cmd", default=DEFAULT_FLOOR, help="command template of the floor relay")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor")
     parser.add_argument("--processes", type=int, default=1,

@@ -164,6 +164,7 @@ class _FastFrames:
     message_data: Any
     autoPingTimeoutCall: Any
     autoPingRestartOnAnyTraffic: bool
+    closeHandshakeTimeoutCall: Any
     #: The mask bit incoming frames must carry: 0x80 from clients, 0 from servers.
     _incoming_mask_bit = 0
     #: Whether frames this side sends are masked (a client's must be).
@@ -171,6 +172,15 @@ class _FastFrames:
 
     def dataReceived(self, data: bytes) -> None:
         self._dataReceived(data)  # type: ignore[attr-defined]
+
+    def _connectionLost(self, reason: Any) -> None:
+        # Autobahn leaves the closing-handshake timer running when the connection is lost before
+        # the peer answered the close; it would keep the protocol alive until it fires.
+        call = getattr(self, "closeHandshakeTimeoutCall", None)
+        if call is not None:
+            self.closeHandshakeTimeoutCall = None
+            call.cancel()
+        super()._connectionLost(reason)  # type: ignore[misc]
 
     def _message_size_allowed(self, length: int) -> bool:
         if self.maxFramePayloadSize and length > self.maxFramePayloadSize:
