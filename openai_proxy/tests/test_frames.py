@@ -75,9 +75,13 @@ class PlainClient(_Recorder, WebSocketClientProtocol):
         self.closed: int | None = None
 
 
-def connect(server_cls: type, client_cls: type, **options: Any) -> tuple[Any, Any, iosim.IOPump]:
+def connect(
+    test: SynchronousTestCase, server_cls: type, client_cls: type, **options: Any
+) -> tuple[Any, Any, iosim.IOPump]:
     """An open WebSocket connection in memory; ``options`` are the server's protocol options
-    (failing by a close frame, not a dropped connection, so that close codes can be checked)."""
+    (failing by a close frame, not a dropped connection, so that close codes can be checked).
+    Autobahn schedules its timers on the global reactor, so the connection is dropped at the end
+    of the test: that cancels them."""
     options.setdefault("failByDrop", False)
     reactor = MemoryReactorClock()
     server_factory = WebSocketServerFactory(reactor=reactor)
@@ -92,6 +96,18 @@ def connect(server_cls: type, client_cls: type, **options: Any) -> tuple[Any, An
     )
     pump.flush()
     assert server.opened and client.opened
+
+    def drop() -> None:
+        for protocol in (server, client):
+            for name in ("closeHandshakeTimeoutCall", "autoPingPendingCall", "autoPingTimeoutCall"):
+                call = getattr(protocol, name, None)
+                if call is not None and getattr(call, "_timer", None) is not None:
+                    call.cancel()
+                setattr(protocol, name, None)
+            protocol.transport.abortConnection()
+        pump.flush()
+
+    test.addCleanup(drop)
     return server, client, pump
 
 
@@ -122,7 +138,7 @@ class RoundTripTests(SynchronousTestCase):
             (FastServer, PlainClient),
             (PlainServer, FastClient),
         ):
-            server, client, pump = connect(server_cls, client_cls)
+            server, client, pump = connect(self, server_cls, client_cls)
             sent = []
             for n in SIZES:
                 for binary in (False, True):
@@ -137,7 +153,7 @@ class RoundTripTests(SynchronousTestCase):
     def test_fragmented_and_split_frames_arrive_whole(self) -> None:
         """A message sent in fragments, and frames delivered one byte at a time, go through
         Autobahn's own path and still arrive as one message each."""
-        server, client, pump = connect(FastServer, FastClient)
+        server, client, pump = connect(self, FastServer, FastClient)
         client.sendMessage(b"x" * 5000, True, fragmentSize=700)
         pump.flush()
         wire = raw_frame(1, b'{"type":"KeepAlive"}', mask=b"\x01\x02\x03\x04")
@@ -151,7 +167,7 @@ class RoundTripTests(SynchronousTestCase):
 
     def test_client_frames_are_masked_on_the_wire(self) -> None:
         """The client leg masks every frame (RFC 6455 §5.3), with a fresh key each time."""
-        server, client, pump = connect(FastServer, FastClient)
+        server, client, pump = connect(self, FastServer, FastClient)
         written: list[bytes] = []
         original = client.transport.write
         client.transport.write = lambda data: (written.append(data), original(data))
@@ -168,7 +184,10 @@ class RoundTripTests(SynchronousTestCase):
 
     def test_data_frames_count_as_traffic_for_the_ping_timeout(self) -> None:
         """As in Autobahn, a data frame received while a ping is pending cancels its timeout."""
-        server, client, pump = connect(FastServer, PlainClient, autoPingInterval=10, autoPingTimeout=5)
+        server, client, pump = connect(self, FastServer, PlainClient, autoPingInterval=10, autoPingTimeout=5)
+        # What the ping timer does when it fires (cancelled here, so as not to wait for it).
+        server.autoPingPendingCall.cancel()
+        server.autoPingPendingCall = None
         server._sendAutoPing()
         self.assertIsNotNone(server.autoPingTimeoutCall)
         server.dataReceived(raw_frame(2, b"x", mask=b"abcd"))
@@ -185,7 +204,7 @@ class RoundTripTests(SynchronousTestCase):
 
 class RefusalTests(SynchronousTestCase):
     def test_invalid_utf8_text_closes_1007(self) -> None:
-        server, client, pump = connect(FastServer, PlainClient)
+        server, client, pump = connect(self, FastServer, PlainClient)
         client.transport.write(raw_frame(1, b"\xff\xfe not utf-8", mask=b"abcd"))
         pump.flush()
         self.assertEqual(server.received, [])
@@ -193,20 +212,20 @@ class RefusalTests(SynchronousTestCase):
 
     def test_invalid_utf8_passes_where_validation_is_off(self) -> None:
         """The trusted upstream leg turns validation off; the JSON decoder refuses bad text."""
-        server, client, pump = connect(FastServer, PlainClient, utf8validateIncoming=False)
+        server, client, pump = connect(self, FastServer, PlainClient, utf8validateIncoming=False)
         client.transport.write(raw_frame(1, b"\xff", mask=b"abcd"))
         pump.flush()
         self.assertEqual(server.received, [(b"\xff", False)])
 
     def test_unmasked_client_frame_is_a_protocol_violation(self) -> None:
-        server, client, pump = connect(FastServer, PlainClient)
+        server, client, pump = connect(self, FastServer, PlainClient)
         client.transport.write(raw_frame(2, b"audio", mask=None))
         pump.flush()
         self.assertEqual(server.received, [])
         self.assertEqual(server.localCloseCode, 1002)
 
     def test_masked_server_frame_is_a_protocol_violation(self) -> None:
-        server, client, pump = connect(PlainServer, FastClient)
+        server, client, pump = connect(self, PlainServer, FastClient)
         client.failByDrop = False
         server.transport.write(raw_frame(2, b"audio", mask=b"abcd"))
         pump.flush()
@@ -214,14 +233,14 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(client.localCloseCode, 1002)
 
     def test_non_minimal_length_is_a_protocol_violation(self) -> None:
-        server, client, pump = connect(FastServer, PlainClient)
+        server, client, pump = connect(self, FastServer, PlainClient)
         client.transport.write(b"\x82\xfe\x00\x05abcd" + _xor_mask(b"hello", b"abcd"))
         pump.flush()
         self.assertEqual(server.received, [])
         self.assertEqual(server.localCloseCode, 1002)
 
     def test_frame_over_the_limit_closes_1009(self) -> None:
-        server, client, pump = connect(FastServer, PlainClient, maxFramePayloadSize=1000,
+        server, client, pump = connect(self, FastServer, PlainClient, maxFramePayloadSize=1000,
                                        failByDrop=False)
         client.sendMessage(bytes(999), True)
         client.sendMessage(bytes(1001), True)
@@ -231,11 +250,27 @@ class RefusalTests(SynchronousTestCase):
 
     def test_reserved_bits_and_opcodes_are_refused(self) -> None:
         for first in (0xC2, 0x83):  # RSV1 set; reserved data opcode 3
-            server, client, pump = connect(FastServer, PlainClient)
+            server, client, pump = connect(self, FastServer, PlainClient)
             client.transport.write(bytes((first, 0x80 | 1)) + b"abcd" + b"x")
             pump.flush()
             self.assertEqual(server.received, [], hex(first))
             self.assertEqual(server.localCloseCode, 1002, hex(first))
+
+
+class TimerTests(SynchronousTestCase):
+    def test_a_lost_connection_leaves_no_closing_handshake_timer(self) -> None:
+        """A side that sent its close and lost the connection before the answer cancels the
+        closing-handshake timer (Autobahn itself leaves it to fire)."""
+        server, client, pump = connect(self, FastServer, PlainClient, closeHandshakeTimeout=2.0)
+        client.dataReceived = lambda data: None  # the peer never answers the close
+        server.sendClose(1000)
+        pump.flush()
+        call = server.closeHandshakeTimeoutCall
+        self.assertIsNotNone(call)
+        server.transport.abortConnection()
+        pump.flush()
+        self.assertIsNone(server.closeHandshakeTimeoutCall)
+        self.assertIsNone(call._timer)  # txaio's mark of a cancelled batched call
 
 
 class AppendEncodingTests(SynchronousTestCase):
