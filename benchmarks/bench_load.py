@@ -42,7 +42,8 @@ session-second; RSS is the tree's peak resident memory in the window minus its R
 connected, per session.  ``gen`` is this process's CPU share, to tell a saturated generator from a
 slow proxy.  With two or more cores the proxy is pinned to core 0 and this process to core 1
 (``--no-pin`` to leave placement to the kernel).  ``--processes N`` starts N proxies sharing one port
-(``--listen reuseport:...``) when the daemon has that endpoint.
+(``--listen reuseport:...``, left unpinned) when the daemon has that endpoint, and otherwise says
+that it was not measured.
 
 These are figures, not assertions.  Linux only (``/proc``).
 """
@@ -647,7 +648,8 @@ class Proxy:
             "twistd": twistd(),
         }
         argv = shlex.split(self.template.format(**values))
-        pin = self.pin
+        # Several processes are meant to use several cores: they are left to the kernel.
+        pin = self.pin and self.processes == 1
 
         def placement() -> None:
             if pin:
