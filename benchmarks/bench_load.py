@@ -728,12 +728,14 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
             client = BenchClient(session, proxy.port)
             session.client = client
             yield endpoint.connect(protocol.Factory.forProtocol(lambda c=client: c))
-        ready = defer.DeferredList([s.ready for s in run.sessions])
+        ready = defer.DeferredList([s.ready for s in run.sessions], consumeErrors=True)
         timeout = reactor.callLater(30, lambda: ready.cancel() if not ready.called else None)
         yield ready
         if timeout.active():
             timeout.cancel()
-        configured = sum(1 for s in run.sessions if s.ready.called)
+        configured = sum(1 for s in run.sessions if s.client is not None and s.client.configured)
+        if configured < count:
+            print(f"        {name}: {count - configured} of {count} sessions were not configured in 30 s")
         start = time.monotonic() + 0.2
         for session in run.sessions:
             session.stream_start = start + FRAME_MS / 1000 * session.index / count
