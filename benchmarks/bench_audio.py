@@ -178,7 +178,7 @@ def main() -> None:
         lag = steady_lag_ms(path, data, chunk)
         print(f"{path.label:<32} {cost:>11.3f} ms CPU {lag:>6.1f} ms")
     cost = batcher_cost(args.seconds, args.repeat)
-    print(f"{'batch pcm24k -> 40 ms appends':<32} {cost:>11.3f} ms CPU {'':>9}")
+    print(f"{'batch pcm24k 20 ms -> appends':<32} {cost:>11.3f} ms CPU {'':>9}")
 
 
 if __name__ == "__main__":

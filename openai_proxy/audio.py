@@ -18,24 +18,30 @@ transcode with no resampling.
 
 Resampler
 ---------
-Rate conversion uses libsoxr through ``soxr.ResampleStream`` at quality ``"HQ"`` (20-bit precision,
-passband flat to 91 % of the lower Nyquist frequency, stopband beyond it, linear phase).  It runs
-in float32: libsoxr's int16 mode adds random dither, so the same audio cut into different chunks
-would not give the same bytes; in float32 the output is bit-identical however the input is chunked,
-and the conversion back to int16 rounds to nearest and clips.
+Rate conversion uses libsoxr through ``soxr.ResampleStream``.  Client audio upsampled from 16 kHz or
+more (16 or 22.05 kHz to 24 kHz) uses quality ``"QQ"`` (cubic interpolation): it holds nothing back
+(0.1 ms of algorithmic delay), is flat within 1 dB to about 4.5 kHz and keeps its imaging 43 dB
+below the speech band.  Everything else uses ``"HQ"`` (20-bit precision, passband flat to 91 % of the
+lower Nyquist frequency, stopband beyond it, linear phase): downsampling needs its anti-aliasing
+filter, 8-11.025 kHz sources lose too much treble to cubic interpolation, and agent audio is what
+people hear (:func:`input_resampler_quality`; docs/audio.md has the measurements).  Both run in
+float32 on the int16 scale: libsoxr's int16 mode adds random dither, so the same audio cut into
+different chunks would not give the same bytes; in float32 the output is bit-identical however the
+input is chunked, and the conversion back to int16 rounds to nearest and clips.
 
 Delay: libsoxr compensates its filter delay, so after :meth:`InputConverter.flush` or
 :meth:`OutputConverter.end_reply` the output holds exactly the input's duration (to one sample).
-While streaming, output trails input because libsoxr filters and works in blocks; the lag oscillates
-with the block phase.  Measured with 20 ms frames (min-max, mean):
+While streaming, ``HQ`` output trails input because libsoxr filters and works in blocks; the lag
+oscillates with the block phase.  Measured with 20 ms frames (min-max, mean):
 
-- 16, 22.05, 32, 44.1 or 48 kHz <-> 24 kHz: 4-42 ms (21-23 ms);
-- 8 or 11.025 kHz <-> 24 kHz: 10-84 ms (43-48 ms);
+- ``QQ`` paths (16 or 22.05 kHz -> 24 kHz): 0.1 ms;
+- ``HQ`` between 16, 22.05, 32, 44.1 or 48 kHz and 24 kHz: 4-42 ms (21-23 ms);
+- ``HQ`` between 8 or 11.025 kHz and 24 kHz: 10-84 ms (43-48 ms);
 - passthrough paths: 0.
 
 At the start of a stream the lag is larger (up to about 175 ms for 8 kHz -> 48 kHz); it never exceeds
-:data:`RESAMPLER_MAX_LAG_MS` whatever the chunk sizes.  docs/audio.md has the details; every path
-costs well under 1 ms of CPU per second of audio (``benchmarks/bench_audio.py``).
+:data:`RESAMPLER_MAX_LAG_MS` whatever the chunk sizes.  Every path costs well under 1 ms of CPU per
+second of audio (``benchmarks/bench_audio.py``).
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ __all__ = [
     "G711_SAMPLE_RATE",
     "UPSTREAM_PCM_RATE",
     "RESAMPLER_QUALITY",
+    "INPUT_RESAMPLER_QUALITY",
+    "QUICK_RESAMPLER_MIN_RATE",
+    "input_resampler_quality",
     "RESAMPLER_MAX_LAG_MS",
     "MAX_APPEND_AUDIO_BYTES",
     "UnsupportedAudioFormat",
@@ -83,7 +92,13 @@ MIN_SAMPLE_RATE: Final = 8000
 MAX_SAMPLE_RATE: Final = 48000
 G711_SAMPLE_RATE: Final = 8000
 UPSTREAM_PCM_RATE: Final = 24000
+#: Agent audio to the client: libsoxr's high quality (it is what people hear; see module doc).
 RESAMPLER_QUALITY: Final = "HQ"
+#: Client audio upsampled from 16 kHz or more to the upstream's rate: libsoxr's quick cubic
+#: interpolation, which holds nothing back (module doc); see :func:`input_resampler_quality`.
+INPUT_RESAMPLER_QUALITY: Final = "QQ"
+#: The lowest source rate that :data:`INPUT_RESAMPLER_QUALITY` serves.
+QUICK_RESAMPLER_MIN_RATE: Final = 16000
 #: Upper bound on how far converted output may trail its input while streaming (see module doc).
 RESAMPLER_MAX_LAG_MS: Final = 200.0
 #: Largest raw audio payload of one ``input_audio_buffer.append``: its base64 text plus the JSON
@@ -322,6 +337,11 @@ _MULAW_ENCODE: Final = _build_mulaw_encoder()
 _MULAW_DECODE: Final = _build_mulaw_decoder()
 _ALAW_ENCODE: Final = _build_alaw_encoder()
 _ALAW_DECODE: Final = _build_alaw_decoder()
+#: One law's code to the other's, through the linear value each denotes.
+_G711_TRANSCODE: Final = {
+    (_ALAW, _MULAW): _MULAW_ENCODE[_ALAW_DECODE.view(np.uint16)],
+    (_MULAW, _ALAW): _ALAW_ENCODE[_MULAW_DECODE.view(np.uint16)],
+}
 
 
 def mulaw_encode(samples: Int16Array) -> bytes:
@@ -346,7 +366,7 @@ def alaw_decode(data: bytes) -> Int16Array:
 
 def _decode(encoding: str, data: bytes) -> Int16Array:
     if encoding == _LINEAR16:
-        return np.frombuffer(data, dtype="<i2").astype(np.int16)
+        return np.frombuffer(data, dtype="<i2")
     if encoding == _MULAW:
         return mulaw_decode(data)
     return alaw_decode(data)
@@ -393,7 +413,7 @@ def wav_header(client: ClientAudioFormat) -> bytes:
 class _Transcoder:
     """Streaming conversion between two (encoding, rate) pairs; the engine of both converters."""
 
-    def __init__(self, source: tuple[str, int], target: tuple[str, int]) -> None:
+    def __init__(self, source: tuple[str, int], target: tuple[str, int], quality: str) -> None:
         self._source_encoding, self._source_rate = source
         self._target_encoding, self._target_rate = target
         self._source_width = _sample_width(self._source_encoding)
@@ -402,8 +422,14 @@ class _Transcoder:
         self._resampler: soxr.ResampleStream | None = None
         if self._source_rate != self._target_rate:
             self._resampler = soxr.ResampleStream(
-                self._source_rate, self._target_rate, 1, dtype="float32", quality=RESAMPLER_QUALITY
+                self._source_rate, self._target_rate, 1, dtype="float32", quality=quality
             )
+        # Byte-for-byte table transcodes (A-law <-> µ-law at 8 kHz) need no int16 step.
+        self._table: npt.NDArray[np.uint8] | None = None
+        if self._resampler is None and not self._copy and "linear16" not in (
+            self._source_encoding, self._target_encoding
+        ):
+            self._table = _G711_TRANSCODE[(self._source_encoding, self._target_encoding)]
         # A linear16 sample split across two chunks waits here for its second byte.
         self._carry = b""
         self.samples_out = 0
@@ -420,11 +446,14 @@ class _Transcoder:
         if self._copy:
             self.samples_out += len(data) // self._target_width
             return bytes(data)
+        if self._table is not None:
+            self.samples_out += len(data)
+            return self._table[np.frombuffer(data, dtype=np.uint8)].tobytes()
         samples = _decode(self._source_encoding, data)
         if self._resampler is not None:
-            # int16 -> float32 is exact, so only the resampler itself alters the signal.
-            resampled = self._resampler.resample_chunk(samples.astype(np.float32) * np.float32(1 / 32768))
-            samples = _to_int16(resampled)
+            # int16 -> float32 is exact, so only the resampler itself alters the signal.  The
+            # filter is linear, so it runs on the int16 scale: no scaling either way.
+            samples = _to_int16(self._resampler.resample_chunk(samples.astype(np.float32)))
         return self._emit(samples)
 
     def drain(self) -> bytes:
@@ -432,7 +461,7 @@ class _Transcoder:
         out = b""
         if self._resampler is not None:
             tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
-            out = self._emit(_to_int16(tail))
+            out = self._emit(_to_int16(np.array(tail, dtype=np.float32)))
         self.reset()
         return out
 
@@ -448,7 +477,24 @@ class _Transcoder:
 
 
 def _to_int16(x: npt.NDArray[np.float32]) -> Int16Array:
-    return np.clip(np.rint(x * np.float32(32768)), -32768, 32767).astype(np.int16)
+    """Round to nearest and clip, in place (``x`` is the resampler's fresh output array)."""
+    np.rint(x, out=x)
+    np.minimum(x, 32767, out=x)
+    np.maximum(x, -32768, out=x)
+    return x.astype(np.int16)
+
+
+def input_resampler_quality(source_rate: int, target_rate: int) -> str:
+    """The libsoxr quality for client audio at ``source_rate`` Hz going upstream at ``target_rate``.
+
+    Upsampling from 16 kHz or more uses ``"QQ"``: no block delay (0.1 ms), flat within 1 dB to
+    4.5 kHz and imaging products 30-50 dB down in the speech band.  Downsampling needs a real
+    anti-aliasing filter and 8-11.025 kHz sources lose too much treble to cubic interpolation,
+    so those keep ``"HQ"`` and its block lag.  The measurements are in docs/audio.md.
+    """
+    if target_rate > source_rate >= QUICK_RESAMPLER_MIN_RATE:
+        return INPUT_RESAMPLER_QUALITY
+    return RESAMPLER_QUALITY
 
 
 class InputConverter:
@@ -459,8 +505,11 @@ class InputConverter:
     """
 
     def __init__(self, client: ClientAudioFormat, upstream_format: Mapping[str, object]) -> None:
+        target = _upstream_codec(upstream_format)
         self._transcoder = _Transcoder(
-            (client.encoding, client.sample_rate), _upstream_codec(upstream_format)
+            (client.encoding, client.sample_rate),
+            target,
+            input_resampler_quality(client.sample_rate, target[1]),
         )
 
     def feed(self, data: bytes) -> bytes:
@@ -482,7 +531,7 @@ class OutputConverter:
     def __init__(self, upstream_format: Mapping[str, object], client: ClientAudioFormat) -> None:
         self._client = client
         self._transcoder = _Transcoder(
-            _upstream_codec(upstream_format), (client.encoding, client.sample_rate)
+            _upstream_codec(upstream_format), (client.encoding, client.sample_rate), RESAMPLER_QUALITY
         )
 
     @property
@@ -519,18 +568,20 @@ class OutputConverter:
 class AppendBatcher:
     """Groups converted upstream-format audio into ``input_audio_buffer.append`` payloads.
 
-    Small client frames (10-20 ms) would each cost a JSON event.  A payload is sent as soon as
-    ``target_ms`` is pending, or as soon as audio of an earlier frame has waited for one more frame
-    and at least ``min_ms`` is pending: no audio waits longer than one frame (the session flushes a
-    tail from a short timer when the client pauses).  With 20 ms frames that makes 40 ms appends,
-    with 10 ms frames 20 ms appends.  Payloads are cut at whole milliseconds, so never inside a
-    sample, and never exceed ``max_bytes``.
+    A payload is sent as soon as ``target_ms`` is pending, or as soon as audio of an earlier frame
+    has waited for one more frame and at least ``min_ms`` is pending.  The defaults (10 ms both)
+    send each client frame of 10 ms or more in its own append the moment it is converted, so
+    batching adds no delay to the usual 10-20 ms frames; only smaller frames are gathered until
+    10 ms are pending (the session flushes a tail from a short timer when the client pauses).
+    Coalescing 20 ms frames into 40 ms appends would halve the events but delay half of the audio
+    by a frame, 20 ms (docs/performance.md has the measurements).  Payloads are cut at whole
+    samples and never exceed ``max_bytes``.
     """
 
     def __init__(
         self,
         bytes_per_ms: int,
-        target_ms: int = 40,
+        target_ms: int = 10,
         max_bytes: int = MAX_APPEND_AUDIO_BYTES,
         min_ms: int = 10,
         sample_bytes: int = 2,

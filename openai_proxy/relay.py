@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import random
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from typing import Any, cast
@@ -28,6 +29,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from OpenSSL import SSL
 from twisted.application.service import Service
@@ -242,13 +244,173 @@ def _no_delay(transport: Any) -> None:
         pass
 
 
+# -- the per-message fast path ----------------------------------------------------------------------
+
+_STATE_OPEN = WebSocketProtocol.STATE_OPEN
+
+
+def _xor_mask(payload: bytes, key: bytes) -> bytes:
+    """RFC 6455 §5.3 masking (its own inverse): ``payload`` XOR ``key`` repeated."""
+    n = len(payload)
+    if not n:
+        return payload
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+
+
+def _frame_header(opcode_byte: int, length: int, mask_bit: int) -> bytes:
+    if length < 126:
+        return bytes((opcode_byte, mask_bit | length))
+    if length < 65536:
+        return bytes((opcode_byte, mask_bit | 126)) + length.to_bytes(2, "big")
+    return bytes((opcode_byte, mask_bit | 127)) + length.to_bytes(8, "big")
+
+
+class _FastFrames:
+    """
+    A shorter per-message path through Autobahn for the frames a relay sees all the time.
+
+    Autobahn parses each frame through a chain of callbacks, fires a ``message`` observer event (a
+    Deferred per message) and formats debug log arguments for every read and write even when debug
+    logging is off.  For a complete, unfragmented, uncompressed text or binary frame that is
+    already in the buffer (the usual audio frame and JSON event), :meth:`processData` reads it in one
+    step and hands it to ``onMessage``; :meth:`sendMessage` writes one final frame directly.  Anything
+    else (control frames, fragments, frames split across reads, oversized or malformed frames, a
+    closing connection) goes through Autobahn's own code, which applies every RFC 6455 check and
+    fails the connection as it always does.  The fast path keeps the checks that matter to it: the
+    masking direction, minimal length encoding, the size limits, and UTF-8 validity of text frames
+    where ``utf8validateIncoming`` is on.  Autobahn's ``trafficStats`` are not updated for these
+    frames (nothing in the daemon reads them).
+    """
+
+    # Attributes the mixin reads from Autobahn's protocol classes.
+    data: bytes
+    state: int
+    current_frame: Any
+    inside_message: bool
+    maxFramePayloadSize: int
+    maxMessagePayloadSize: int
+    utf8validateIncoming: bool
+    send_queue: Any
+    autoFragmentSize: int
+    _perMessageCompress: Any
+    transport: Any
+    message_data: Any
+    autoPingTimeoutCall: Any
+    autoPingRestartOnAnyTraffic: bool
+    closeHandshakeTimeoutCall: Any
+    #: The mask bit incoming frames must carry: 0x80 from clients, 0 from servers.
+    _incoming_mask_bit = 0
+    #: Whether frames this side sends are masked (a client's must be).
+    _masks_outgoing = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self._dataReceived(data)  # type: ignore[attr-defined]
+
+    def _connectionLost(self, reason: Any) -> None:
+        # Autobahn leaves the closing-handshake timer running when the connection is lost before
+        # the peer answered the close; it would keep the protocol alive until it fires.
+        call = getattr(self, "closeHandshakeTimeoutCall", None)
+        if call is not None:
+            self.closeHandshakeTimeoutCall = None
+            call.cancel()
+        super()._connectionLost(reason)  # type: ignore[misc]
+
+    def _message_size_allowed(self, length: int) -> bool:
+        if self.maxFramePayloadSize and length > self.maxFramePayloadSize:
+            return False
+        return not (self.maxMessagePayloadSize and length > self.maxMessagePayloadSize)
+
+    def processData(self) -> bool:
+        data = self.data
+        n = len(data)
+        if n < 2 or self.current_frame is not None or self.inside_message or self.state != _STATE_OPEN:
+            return super().processData()  # type: ignore[misc,no-any-return]
+        b0 = data[0]
+        b1 = data[1]
+        # FIN set, no RSV bits, text or binary opcode, masked as this direction requires.
+        if b0 not in (0x81, 0x82) or b1 & 0x80 != self._incoming_mask_bit:
+            return super().processData()  # type: ignore[misc,no-any-return]
+        length = b1 & 0x7F
+        start = 2
+        if length == 126:
+            if n < 4:
+                return False
+            length = (data[2] << 8) | data[3]
+            if length < 126:
+                return super().processData()  # type: ignore[misc,no-any-return]
+            start = 4
+        elif length == 127:
+            return super().processData()  # type: ignore[misc,no-any-return]
+        key = b""
+        if b1 & 0x80:
+            key = data[start : start + 4]
+            start += 4
+        end = start + length
+        if n < end or not self._message_size_allowed(length):
+            return super().processData()  # type: ignore[misc,no-any-return]
+        payload = data[start:end]
+        if key:
+            payload = _xor_mask(payload, key)
+        if b0 == 0x81 and self.utf8validateIncoming:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                # Autobahn's own path fails the connection with 1007.
+                return super().processData()  # type: ignore[misc,no-any-return]
+        self.data = data[end:]
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            # As Autobahn does at the end of a data frame: traffic is as good as a pong.
+            self._cancelAutoPingTimeoutCall()  # type: ignore[attr-defined]
+        self._onMessage(payload, b0 == 0x82)  # type: ignore[attr-defined]
+        return len(self.data) > 0
+
+    def onMessageEnd(self) -> None:
+        # Autobahn's version also fires a "message" observer event (a Deferred per message); the
+        # daemon has no observers.
+        if not self.failedByMe:  # type: ignore[attr-defined]
+            payload = b"".join(self.message_data)
+            self._onMessage(payload, self.message_is_binary)  # type: ignore[attr-defined]
+        self.message_data = None
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> None:
+        if (
+            fragmentSize is None
+            and not sync
+            and self.state == _STATE_OPEN
+            and self._perMessageCompress is None
+            and not self.autoFragmentSize
+            and not self.send_queue
+        ):
+            opcode = 0x82 if isBinary else 0x81
+            if self._masks_outgoing:
+                key = random.getrandbits(32).to_bytes(4, "little")
+                self.transport.write(
+                    _frame_header(opcode, len(payload), 0x80) + key + _xor_mask(payload, key)
+                )
+            else:
+                self.transport.write(_frame_header(opcode, len(payload), 0) + payload)
+            return
+        super().sendMessage(  # type: ignore[misc]
+            payload, isBinary, fragmentSize=fragmentSize, sync=sync, doNotCompress=doNotCompress
+        )
+
+
 # -- upstream ---------------------------------------------------------------------------------------
 
 
-class UpstreamProtocol(WebSocketClientProtocol):
+class UpstreamProtocol(_FastFrames, WebSocketClientProtocol):  # type: ignore[misc]
     """The OpenAI Realtime leg of one session."""
 
     link: UpstreamLink
+    _masks_outgoing = True
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -367,11 +529,12 @@ class UpstreamLink:
 
     def _write(self, event: dict[str, Any]) -> None:
         assert self._protocol is not None
-        if self._owner is not None:
-            self._owner.factory.registry.metrics.upstream_message(event)
-            self._owner.log_message("daemon->upstream", event)
-        self._protocol.sendMessage(
-            json.dumps(event, separators=(",", ":"), allow_nan=False).encode("utf-8"))
+        owner = self._owner
+        if owner is not None:
+            owner.factory.registry.metrics.upstream_message(event)
+            if owner.factory.debug:
+                owner.log_message("daemon->upstream", event)
+        self._protocol.sendMessage(m.encode_event(event))
 
     def _flush_gate(self, protocol: UpstreamProtocol) -> None:
         while self._queue and not self._closed:
@@ -528,6 +691,9 @@ class UpstreamConnector:
             # Upstream events (session.updated with long instructions, audio deltas) can be large.
             maxMessagePayloadSize=16 * 1024 * 1024,
             maxFramePayloadSize=16 * 1024 * 1024,
+            # The upstream is trusted and its events go through json.loads, which refuses bad
+            # UTF-8 anyway (UPSTREAM protocol problem); no second pass over every delta.
+            utf8validateIncoming=False,
         )
 
         if self._endpoint_factory is not None:
@@ -587,8 +753,10 @@ def token_matches(presented: str | None, tokens: frozenset[str]) -> bool:
     return matched
 
 
-class ClientProtocol(WebSocketServerProtocol):
+class ClientProtocol(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc]
     """One Deepgram v1 client."""
+
+    _incoming_mask_bit = 0x80
 
     factory: ClientFactory
 
@@ -829,7 +997,8 @@ class ClientProtocol(WebSocketServerProtocol):
     def upstream_event(self, event: dict[str, Any]) -> None:
         if self.session is None:
             return
-        self.log_message("upstream->daemon", event)
+        if self.factory.debug:
+            self.log_message("upstream->daemon", event)
         meter = self._meter
         meter.upstream_event(event, self.factory.reactor.seconds)
         meter.events_in += 1

@@ -550,6 +550,27 @@ class ErrorCodeCounterTests(TestCase):
         self.assertNotIn("code_1", text)
 
 
+class OneReadFrameTests(_MemoryTestCase):
+    def test_over_limit_frames_arriving_whole_in_one_read_close_1009(self) -> None:
+        """
+        In memory a frame arrives whole in one read, so it takes the per-message fast path; a frame over
+        ``max_message_bytes`` must still be refused (close 1009), text and binary alike, and one at the
+        limit accepted.
+        """
+        at_limit = json.dumps({"type": "KeepAlive", "pad": ""}).encode()
+        at_limit = json.dumps({"type": "KeepAlive", "pad": "x" * (4096 - len(at_limit))}).encode()
+        self.assertEqual(len(at_limit), 4096)
+        for payload, opcode in ((b"\x00" * 5000, 2), (at_limit + b" ", 1)):
+            daemon = self.start(limits=Limits(max_message_bytes=4096, ping_interval=0))
+            client = daemon.configured_client()
+            client.transport.write(ws_frame(at_limit, 1))
+            daemon.flush()
+            self.assertIsNone(client.close_code)
+            client.transport.write(ws_frame(payload, opcode))
+            daemon.flush()
+            self.assertEqual(client.close_code, 1009)
+
+
 class WaitingRequestsTests(_MemoryTestCase):
     """Requests a client adds while the upstream has not answered yet stay bounded (in memory)."""
 

@@ -562,7 +562,7 @@ class TeardownTests(_MemoryTestCase):
         daemon.run_until(client.has("AgentStartedSpeaking"), "AgentStartedSpeaking")
         # Mid-reply, with the simulator's pacing timer armed, and a short frame of audio waiting
         # in the session's append batcher behind its flush timer.
-        client.sendMessage(voice.silence(20), isBinary=True)
+        client.sendMessage(voice.silence(5), isBinary=True)
         daemon.flush()
         self.assertNotEqual(daemon.client_session()._timers, {})
         client.dropConnection(abort=True)

@@ -6,6 +6,8 @@ Keeping every wire shape here means one place to read when checking a shape agai
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 # -- Deepgram v1, daemon → client -----------------------------------------------------------------
@@ -83,6 +85,32 @@ def session_update(event_id: str, session: dict[str, Any]) -> dict[str, Any]:
 
 def input_audio_append(event_id: str, audio_b64: str) -> dict[str, Any]:
     return {"type": "input_audio_buffer.append", "event_id": event_id, "audio": audio_b64}
+
+
+_APPEND_HEAD = b'{"type":"input_audio_buffer.append","event_id":"'
+_APPEND_KEYS = ("type", "event_id", "audio")
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    """The compact JSON text of a GA client event, as UTF-8.
+
+    ``input_audio_buffer.append`` (50 a second per session) is built from a bytes template rather
+    than by ``json.dumps``, which would scan every character of the base64 audio for escapes; the
+    result is the same bytes.  Its ``event_id`` and ``audio`` never need escaping: the daemon makes
+    the id from hex digits, letters and ``_`` (any other id goes through ``json.dumps``), and base64
+    has no character JSON escapes.
+    """
+    if (
+        event.get("type") == "input_audio_buffer.append"
+        and tuple(event) == _APPEND_KEYS
+        and _PLAIN_ID.fullmatch(event["event_id"])
+    ):
+        return b"".join(
+            (_APPEND_HEAD, event["event_id"].encode("ascii"), b'","audio":"',
+             event["audio"].encode("ascii"), b'"}')
+        )
+    return json.dumps(event, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def _item_create(event_id: str, item: dict[str, Any]) -> dict[str, Any]:
