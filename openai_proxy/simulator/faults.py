@@ -11,14 +11,16 @@ A :class:`DropRule` says *when* a simulated session's connection drops and *how*
   peer's WebSocket library reports as 1006 (abnormal closure), like a reset or a dead network path;
   ``close=CODE`` sends a close frame with that code (1011 internal error, 1001 going away, 1012
   service restart, …) and closes after the peer's answer.
-* which sessions: every one, or only the ``session``-th one the simulator opened (1-based, in order
-  of opening), so that a test can drop a connection once and let the reconnection live.
+* which sessions: every one, only the ``session``-th one the simulator opened (1-based, in order
+  of opening), so that a test can drop a connection once and let the reconnection live, or
+  ``every``-th one (the sessions whose number is a multiple of it), for soaks.
 
 Rules are written on the command line as comma-separated ``key=value`` pairs, e.g.::
 
     after=5                                     every session drops (TCP abort) 5 s after it opened
     event=response.output_audio.delta,nth=3    abort at the 3rd audio delta of every session
     event=session.update,close=1011,session=1   the first session closes 1011 on its first update
+    event=response.created,every=10             every 10th session aborts at its first response
 
 Session expiry is separate: it is the real API's own behaviour (an ``error`` ``session_expired``,
 then a close), only sooner; see ``SimulatorFactory(max_session_seconds=...)``.
@@ -39,7 +41,7 @@ __all__ = ["DropRule", "FaultSpecError", "SENDABLE_CLOSE_CODES", "parse_drop_rul
 #: sent on the wire: ``close=abort`` is how a peer gets to see it.
 SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1008, 1011, 1012, 1013})
 
-_KEYS = ("after", "event", "nth", "close", "session")
+_KEYS = ("after", "event", "nth", "close", "session", "every")
 
 
 class FaultSpecError(ValueError):
@@ -53,7 +55,8 @@ class DropRule:
     Exactly one of ``after`` (seconds, > 0) and ``event`` (a GA event type) is set. ``nth`` (>= 1)
     counts occurrences of ``event`` within one session. ``close`` is ``None`` for a TCP abort, else
     the close code to send. ``session`` is ``None`` for every session, else the 1-based ordinal of
-    the one session the rule applies to.
+    the one session the rule applies to; ``every`` (not with ``session``) limits it to the sessions
+    whose ordinal is a multiple of ``every``.
     """
 
     after: float | None = None
@@ -61,6 +64,7 @@ class DropRule:
     nth: int = 1
     close: int | None = None
     session: int | None = None
+    every: int | None = None
 
     def __post_init__(self) -> None:
         if (self.after is None) == (self.event is None):
@@ -80,9 +84,15 @@ class DropRule:
             )
         if self.session is not None and self.session < 1:
             raise FaultSpecError(f"session: must be >= 1, got {self.session!r}")
+        if self.every is not None and self.every < 1:
+            raise FaultSpecError(f"every: must be >= 1, got {self.every!r}")
+        if self.every is not None and self.session is not None:
+            raise FaultSpecError("session and every do not go together")
 
     def applies_to(self, ordinal: int) -> bool:
         """Whether the rule holds for the ``ordinal``-th session the simulator opened (1-based)."""
+        if self.every is not None:
+            return ordinal % self.every == 0
         return self.session is None or self.session == ordinal
 
     @property
@@ -98,6 +108,8 @@ class DropRule:
         parts.append("close=abort" if self.close is None else f"close={self.close}")
         if self.session is not None:
             parts.append(f"session={self.session}")
+        if self.every is not None:
+            parts.append(f"every={self.every}")
         return ",".join(parts)
 
 
@@ -115,7 +127,7 @@ def _integer(key: str, value: str) -> int:
 
 def parse_drop_rule(spec: str) -> DropRule:
     """Read one drop rule: comma-separated ``key=value`` pairs with the keys ``after``, ``event``,
-    ``nth``, ``close`` (``abort`` or a code) and ``session``.
+    ``nth``, ``close`` (``abort`` or a code), ``session`` and ``every``.
 
     @raise FaultSpecError: an unknown or repeated key, a malformed value, or an impossible rule.
     """
@@ -150,4 +162,5 @@ def parse_drop_rule(spec: str) -> DropRule:
         nth=_integer("nth", values["nth"]) if "nth" in values else 1,
         close=close,
         session=_integer("session", values["session"]) if "session" in values else None,
+        every=_integer("every", values["every"]) if "every" in values else None,
     )

@@ -37,6 +37,7 @@ class ParseTests(unittest.TestCase):
         self.assertEqual(parse_drop_rule("after=0.5,close=abort"), DropRule(after=0.5))
         self.assertEqual(parse_drop_rule("after=1,close=1001").close, 1001)
         self.assertEqual(parse_drop_rule("after=1,close=4321").close, 4321)
+        self.assertEqual(parse_drop_rule("event=error,every=3"), DropRule(event="error", every=3))
 
     def test_bad_rules_name_the_key(self) -> None:
         cases = {
@@ -58,6 +59,8 @@ class ParseTests(unittest.TestCase):
             "after=1,close=2500": "close: 2500 cannot be sent",
             "after=1,close=loud": "close: expected an integer",
             "after=1,session=0": "session: must be >= 1",
+            "after=1,every=0": "every: must be >= 1",
+            "after=1,every=2,session=4": "session and every do not go together",
             "after=1,after=2": "after: given twice",
             "after=1,when=now": "'when': unknown key",
             "after": "expected key=value",
@@ -75,6 +78,11 @@ class ParseTests(unittest.TestCase):
                 after=st.floats(min_value=0.001, max_value=1e6, allow_nan=False),
                 close=st.one_of(st.none(), st.sampled_from([1000, 1001, 1011, 1012, 1013, 4000])),
                 session=st.one_of(st.none(), st.integers(1, 1000)),
+            ),
+            st.builds(
+                DropRule,
+                event=st.sampled_from(["response.created", "conversation.item.create"]),
+                every=st.integers(1, 100),
             ),
             st.builds(
                 DropRule,
@@ -279,6 +287,20 @@ class DropTests(FaultTestCase):
             client.sendClose(1000)
         first_pump.flush()
         self.pump.flush()
+        self.assertNothingLeft()
+
+    def test_every_selects_each_kth_connection(self) -> None:
+        self.use(drops=(DropRule(event="session.updated", every=2),))
+        clients = []
+        for _ in range(5):
+            client, pump = self.connect()
+            self.send(client, {"type": "session.update", "session": {"type": "realtime"}})
+            clients.append((client, pump))
+        self.assertEqual([c.closed is not None for c, _ in clients], [False, True, False, True, False])
+        for client, pump in clients:
+            if client.closed is None:
+                client.sendClose(1000)
+                pump.flush()
         self.assertNothingLeft()
 
     def test_nth_counts_per_session(self) -> None:
