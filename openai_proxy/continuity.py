@@ -16,6 +16,8 @@ Three parts, each usable alone:
   hard deadline at which it is forced.
 * :class:`BackoffPolicy`, :class:`Reconnection` and :func:`classify_failure`: which upstream failures are
   worth a reconnection, and bounded exponential backoff with full jitter between attempts.
+* :class:`Switch` and :class:`HeldAudio`: the progress of one move to a new upstream session (connect,
+  configure, replay, then swap), and the client audio held meanwhile.
 
 docs/reliability.md describes the behaviour these parts give the daemon.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -35,12 +38,16 @@ __all__ = [
     "ConversationRecord",
     "Decision",
     "Failure",
+    "HeldAudio",
     "RecordError",
     "Reconnection",
     "Replay",
     "ReplayBudget",
     "RolloverAction",
     "RolloverSchedule",
+    "Switch",
+    "SwitchPhase",
+    "SwitchReason",
     "classify_failure",
 ]
 
@@ -123,6 +130,8 @@ class ReplayBudget:
 
 
 _CUT_MARK = " […]"
+#: The record keeps this many budgets' worth of the newest entries (see ``ConversationRecord._compact``).
+_RESERVE = 2
 
 
 def _clip(text: str, limit: int) -> str:
@@ -168,8 +177,9 @@ class ConversationRecord:
     Adding an item id that is already recorded replaces its text in place. Updates for item ids the
     record does not hold (compacted away, see below) are ignored.
 
-    Memory is bounded: after each addition, entries older than what ``budget`` could ever replay are
-    forgotten (the record holds at most one budget's worth of text and ``2 * max_items`` entries).
+    Memory is bounded: after each addition, old entries are forgotten so that the record holds at most
+    twice the budget's text and items (and ``2 * max_items`` entries in all). A removal of recent
+    items can bring older ones back into the replay only within that reserve.
     """
 
     def __init__(self, budget: ReplayBudget | None = None) -> None:
@@ -340,13 +350,14 @@ class ConversationRecord:
         self._compact()
 
     def _compact(self) -> None:
-        # Forget what no replay could carry any more. Messages without text (a user turn waiting for a
-        # transcript that may never come) are kept only among the newest max_items entries. Then every
-        # entry older than the newest replayable ones that fill the budget goes: replay() would drop
-        # them anyway (a text that shrinks later does not bring them back).
+        # Forget what no replay could carry any more: every entry older than the newest replayable
+        # ones that fill twice the budget (the reserve lets a removal of recent items, as after a
+        # barge-in, bring older ones back into reach). Messages without text (a user turn waiting for a
+        # transcript that may never come) are kept only among the newest entries.
         entries = self._entries
-        if len(entries) > self.budget.max_items:
-            cutoff = len(entries) - self.budget.max_items
+        max_chars, max_items = _RESERVE * self.budget.max_chars, _RESERVE * self.budget.max_items
+        if len(entries) > max_items:
+            cutoff = len(entries) - max_items
             stale = [e for e in entries[:cutoff] if not _replayable(e)]
             if stale:
                 for entry in stale:
@@ -359,7 +370,7 @@ class ConversationRecord:
             entry = entries[index]
             if _replayable(entry):
                 cost, count = self._cost(entry)
-                if chars + cost > self.budget.max_chars or items + count > self.budget.max_items:
+                if chars + cost > max_chars or items + count > max_items:
                     break
                 chars += cost
                 items += count
@@ -610,3 +621,179 @@ class Reconnection:
             return None
         self.attempts += 1
         return delay
+
+
+# -- the switch --------------------------------------------------------------------------------------
+
+
+#: Seconds a switch may take (connect, configure, replay) before it is abandoned.
+DEFAULT_SWITCH_TIMEOUT = 15.0
+
+
+class SwitchReason(enum.Enum):
+    ROLLOVER = "rollover"
+    FORCED_ROLLOVER = "forced_rollover"
+    RECONNECT = "reconnect"
+
+
+class SwitchPhase(enum.Enum):
+    """Where a :class:`Switch` is. Transitions: CONNECTING → CONFIGURING → REPLAYING → READY, or to
+    FAILED from any phase before READY."""
+
+    #: The new upstream connection is being opened.
+    CONNECTING = "connecting"
+    #: It is open; the current configuration was sent (``session.update``) and waits for
+    #: ``session.updated``.
+    CONFIGURING = "configuring"
+    #: The replay was sent; each item waits for its ``conversation.item.done``.
+    REPLAYING = "replaying"
+    #: Every replayed item is confirmed (or refused): the session may swap connections now.
+    READY = "ready"
+    FAILED = "failed"
+
+
+class SwitchError(RuntimeError):
+    """A :class:`Switch` input that its phase does not allow (a bug in the caller)."""
+
+
+@dataclass
+class Switch:
+    """One move of the conversation to a new upstream session, as the session drives it.
+
+    The session opens a new upstream connection and calls :meth:`opened` once it is open (then sends
+    ``session.update`` with the current configuration), :meth:`configured` with the :class:`Replay` on
+    its ``session.updated`` (then sends the replay's events), and :meth:`item_done` for each
+    ``conversation.item.done`` (or :meth:`item_refused` for an ``error`` whose ``event_id`` is a replay
+    event's: that item is given up, the rest goes on). When :meth:`item_done` returns ``True`` the
+    switch is READY: the session swaps connections in one step (the old one closed, held audio and
+    held events sent to the new one in order). :meth:`fail` or :meth:`timed_out` end it otherwise.
+    """
+
+    reason: SwitchReason
+    started_at: float
+    timeout: float = DEFAULT_SWITCH_TIMEOUT
+    phase: SwitchPhase = field(default=SwitchPhase.CONNECTING, init=False)
+    replay: Replay | None = field(default=None, init=False)
+    #: Replayed item ids not confirmed yet.
+    waiting: set[str] = field(default_factory=set, init=False)
+    #: Replayed item ids the new session refused.
+    refused: list[str] = field(default_factory=list, init=False)
+    failure: str | None = field(default=None, init=False)
+    _item_of_event: dict[str, str] = field(default_factory=dict, init=False)
+
+    def _expect(self, *phases: SwitchPhase) -> None:
+        if self.phase not in phases:
+            raise SwitchError(f"switch is {self.phase.value}, not {' or '.join(p.value for p in phases)}")
+
+    def opened(self) -> None:
+        self._expect(SwitchPhase.CONNECTING)
+        self.phase = SwitchPhase.CONFIGURING
+
+    def configured(self, replay: Replay) -> bool:
+        """The new session is configured; ``replay`` is about to be sent. ``True``: nothing to replay,
+        the switch is READY."""
+        self._expect(SwitchPhase.CONFIGURING)
+        self.replay = replay
+        self.waiting = set(replay.item_ids)
+        self._item_of_event = {
+            str(event["event_id"]): item_id
+            for event, item_id in zip(replay.events, replay.item_ids, strict=True)
+        }
+        self.phase = SwitchPhase.REPLAYING
+        return self._settle()
+
+    def item_done(self, item_id: str) -> bool:
+        """A ``conversation.item.done`` (items the switch did not send are ignored). ``True`` when the
+        switch became READY with it."""
+        if self.phase is not SwitchPhase.REPLAYING or item_id not in self.waiting:
+            return False
+        self.waiting.discard(item_id)
+        return self._settle()
+
+    def item_refused(self, event_id: str) -> bool:
+        """An ``error`` answering the replay event ``event_id``. ``True`` when the switch became READY."""
+        item_id = self._item_of_event.get(event_id)
+        if self.phase is not SwitchPhase.REPLAYING or item_id not in self.waiting:
+            return False
+        self.waiting.discard(item_id)
+        self.refused.append(item_id)
+        return self._settle()
+
+    def _settle(self) -> bool:
+        if not self.waiting:
+            self.phase = SwitchPhase.READY
+            return True
+        return False
+
+    def fail(self, reason: str) -> None:
+        """The new connection failed or closed before the swap."""
+        if self.phase is not SwitchPhase.READY:
+            self.phase = SwitchPhase.FAILED
+            self.failure = reason
+
+    def timed_out(self, now: float) -> bool:
+        """Whether the switch ran out of time (and is now FAILED)."""
+        if self.phase in (SwitchPhase.READY, SwitchPhase.FAILED):
+            return False
+        if now - self.started_at >= self.timeout:
+            self.fail(f"not ready after {self.timeout:g} s ({self.phase.value})")
+            return True
+        return False
+
+    def deadline(self) -> float:
+        return self.started_at + self.timeout
+
+    def duration(self, now: float) -> float:
+        return now - self.started_at
+
+    def log_fields(self, now: float) -> dict[str, object]:
+        """What the switch's log record says: why, how long, what was replayed."""
+        replay = self.replay
+        return {
+            "switch_reason": self.reason.value,
+            "switch_phase": self.phase.value,
+            "switch_ms": round(self.duration(now) * 1000),
+            "replayed_items": replay.items - len(self.refused) if replay else 0,
+            "replayed_chars": replay.chars if replay else 0,
+            "dropped_entries": replay.dropped if replay else 0,
+            "refused_items": len(self.refused),
+        }
+
+
+class HeldAudio:
+    """Client audio held while no upstream session can take it (during a switch), in order and bounded.
+
+    ``max_bytes`` bounds what is held; when more arrives the oldest chunks are dropped whole (a chunk
+    larger than the bound keeps its newest ``max_bytes``, rounded down to ``frame_bytes`` so samples
+    stay aligned: 2 for pcm16, 1 for G.711). ``dropped_bytes`` counts what was lost.
+    """
+
+    def __init__(self, max_bytes: int, frame_bytes: int = 2) -> None:
+        if max_bytes < frame_bytes or frame_bytes < 1:
+            raise ValueError("HeldAudio: max_bytes >= frame_bytes >= 1")
+        self.max_bytes = max_bytes
+        self.frame_bytes = frame_bytes
+        self._chunks: deque[bytes] = deque()
+        self.held_bytes = 0
+        self.dropped_bytes = 0
+
+    def append(self, chunk: bytes) -> None:
+        if len(chunk) > self.max_bytes:
+            keep = self.max_bytes - self.max_bytes % self.frame_bytes
+            self.dropped_bytes += len(chunk) - keep + self.held_bytes
+            self._chunks.clear()
+            self.held_bytes = 0
+            chunk = chunk[len(chunk) - keep:]
+        self._chunks.append(chunk)
+        self.held_bytes += len(chunk)
+        while self.held_bytes > self.max_bytes:
+            oldest = self._chunks.popleft()
+            self.held_bytes -= len(oldest)
+            self.dropped_bytes += len(oldest)
+
+    def drain(self) -> list[bytes]:
+        """Everything held, oldest first; the hold is empty afterwards (``dropped_bytes`` stays)."""
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self.held_bytes = 0
+        return chunks

@@ -18,12 +18,17 @@ from openai_proxy.continuity import (
     BackoffPolicy,
     ConversationRecord,
     Failure,
+    HeldAudio,
     Reconnection,
     RecordError,
     Replay,
     ReplayBudget,
     RolloverAction,
     RolloverSchedule,
+    Switch,
+    SwitchError,
+    SwitchPhase,
+    SwitchReason,
     classify_failure,
 )
 from openai_proxy.simulator.server import SimulatedSession
@@ -234,7 +239,7 @@ class ReplayTests(unittest.TestCase):
             record.add_function_call(f"item_c{n}", f"call_{n}", "lookup", f'{{"n":{n}}}')
             record.add_function_output(f"item_o{n}", f"call_{n}", f"answer {n}")
             record.add_assistant_text(f"item_r{n}", f"reply {n}")
-            self.assertLessEqual(len(record), 40)
+            self.assertLessEqual(len(record), 2 * 40)
         self.assertGreater(record.forgotten, 4900 * 3)
         # A late output for a call forgotten long ago is ignored, not an error.
         record.add_function_output("item_late", "call_3", "late")
@@ -315,11 +320,14 @@ class ReplayInvariantTests(unittest.TestCase):
         # The texts are what the budget counted.
         self.assertEqual(replay.chars, sum(len(s[-1]) for s in items)
                          + sum(len(s[3]) for s in items if s[0] == "function_call"))
-        # A contiguous run of the newest items of the whole conversation, in order.
+        # A contiguous run of the newest items of the whole conversation, in order. (Removing recent
+        # items may bring back older ones the record already forgot: the run is then shorter.)
         ids = list(replay.item_ids)
-        if full.item_ids:
+        if full.item_ids and (not any(op[0] == "remove" for op in operations) or not record.forgotten):
             self.assertTrue(ids, "the newest entry always fits")
             self.assertEqual(ids, list(full.item_ids[len(full.item_ids) - len(ids):]))
+        if ids:
+            self.assertEqual(ids[-1], full.item_ids[-1], "the newest item is replayed")
         # A call and its output together: every output right after its call, every answered call
         # followed by its output.
         for index, item in enumerate(items):
@@ -460,3 +468,133 @@ class BackoffTests(unittest.TestCase):
                     {"max_attempts": 0}, {"max_elapsed": 0}, {"max_elapsed": float("nan")}):
             with self.assertRaises(ValueError, msg=bad):
                 BackoffPolicy(**bad)
+
+
+# -- the switch -------------------------------------------------------------------------------------
+
+
+class SwitchTests(unittest.TestCase):
+    def drive(self, replay: Replay) -> tuple[Switch, list[dict[str, Any]]]:
+        """A whole switch against a simulated upstream session, as the session would drive it."""
+        sent: list[dict[str, Any]] = []
+        upstream = SimulatedSession(Clock(), "gpt-realtime", sent.append, lambda code, reason: None)
+        switch = Switch(SwitchReason.ROLLOVER, started_at=100.0)
+        upstream.start()                                  # session.created: the connection is open
+        switch.opened()
+        upstream.receive({"type": "session.update", "event_id": "settings_1",
+                          "session": {"type": "realtime", "instructions": "Be brief."}})
+        self.assertEqual(sent[-1]["type"], "session.updated")
+        ready = switch.configured(replay)
+        for event in replay.events:
+            upstream.receive(event)
+        for event in sent:
+            if event["type"] == "conversation.item.done":
+                ready = switch.item_done(event["item"]["id"]) or ready
+            elif event["type"] == "error" and event["error"]["event_id"]:
+                ready = switch.item_refused(event["error"]["event_id"]) or ready
+        self.assertTrue(ready)
+        return switch, sent
+
+    def test_a_rollover_replays_and_becomes_ready(self) -> None:
+        replay = a_conversation().replay(event_ids())
+        switch, _ = self.drive(replay)
+        self.assertIs(switch.phase, SwitchPhase.READY)
+        self.assertEqual(switch.waiting, set())
+        self.assertEqual(switch.log_fields(100.25), {
+            "switch_reason": "rollover", "switch_phase": "ready", "switch_ms": 250,
+            "replayed_items": 8, "replayed_chars": replay.chars, "dropped_entries": 0,
+            "refused_items": 0})
+
+    def test_a_refused_item_is_given_up_and_the_rest_goes_on(self) -> None:
+        good = a_conversation().replay(event_ids())
+        # An output whose call the new session does not have: refused with an error naming the event.
+        orphan = {"type": "conversation.item.create", "event_id": "replay_orphan",
+                  "item": {"id": "item_orphan", "type": "function_call_output",
+                           "call_id": "call_gone", "output": "{}"}}
+        replay = Replay(good.events[:4] + (orphan,) + good.events[4:],
+                        good.item_ids[:4] + ("item_orphan",) + good.item_ids[4:], good.chars, 0)
+        switch, sent = self.drive(replay)
+        errors_sent = [e["error"] for e in sent if e["type"] == "error"]
+        self.assertEqual([e["event_id"] for e in errors_sent], ["replay_orphan"])
+        self.assertIs(switch.phase, SwitchPhase.READY)
+        self.assertEqual(switch.refused, ["item_orphan"])
+        self.assertEqual(switch.log_fields(100.0)["replayed_items"], 8)
+        self.assertEqual(switch.log_fields(100.0)["refused_items"], 1)
+
+    def test_nothing_to_replay_is_ready_at_once(self) -> None:
+        switch = Switch(SwitchReason.RECONNECT, started_at=0.0)
+        switch.opened()
+        self.assertTrue(switch.configured(ConversationRecord().replay(event_ids())))
+        self.assertIs(switch.phase, SwitchPhase.READY)
+
+    def test_unknown_items_and_events_are_ignored(self) -> None:
+        switch = Switch(SwitchReason.ROLLOVER, started_at=0.0)
+        switch.opened()
+        switch.configured(a_conversation().replay(event_ids()))
+        self.assertFalse(switch.item_done("item_from_someone_else"))
+        self.assertFalse(switch.item_refused("settings_1"))
+        self.assertEqual(len(switch.waiting), 8)
+
+    def test_phases_are_enforced(self) -> None:
+        switch = Switch(SwitchReason.ROLLOVER, started_at=0.0)
+        with self.assertRaisesRegex(SwitchError, "connecting, not configuring"):
+            switch.configured(ConversationRecord().replay(event_ids()))
+        switch.opened()
+        with self.assertRaisesRegex(SwitchError, "configuring, not connecting"):
+            switch.opened()
+
+    def test_timeout_and_failure(self) -> None:
+        switch = Switch(SwitchReason.FORCED_ROLLOVER, started_at=10.0, timeout=5.0)
+        self.assertEqual(switch.deadline(), 15.0)
+        self.assertFalse(switch.timed_out(14.9))
+        switch.opened()
+        self.assertTrue(switch.timed_out(15.0))
+        self.assertIs(switch.phase, SwitchPhase.FAILED)
+        self.assertEqual(switch.failure, "not ready after 5 s (configuring)")
+        self.assertFalse(switch.timed_out(99.0))  # once
+        other = Switch(SwitchReason.RECONNECT, started_at=0.0)
+        other.fail("closed 1011")
+        self.assertEqual((other.phase, other.failure), (SwitchPhase.FAILED, "closed 1011"))
+        self.assertFalse(other.item_done("item_h1"))
+        ready = Switch(SwitchReason.RECONNECT, started_at=0.0)
+        ready.opened()
+        ready.configured(ConversationRecord().replay(event_ids()))
+        ready.fail("too late")  # a switch that is READY has succeeded
+        self.assertIs(ready.phase, SwitchPhase.READY)
+        self.assertFalse(ready.timed_out(1000.0))
+
+
+class HeldAudioTests(unittest.TestCase):
+    def test_in_order_and_bounded_dropping_the_oldest(self) -> None:
+        held = HeldAudio(max_bytes=10)
+        for chunk in (b"aaaa", b"bbbb", b"cc"):
+            held.append(chunk)
+        self.assertEqual((held.held_bytes, held.dropped_bytes), (10, 0))
+        held.append(b"dd")
+        self.assertEqual(held.drain(), [b"bbbb", b"cc", b"dd"])
+        self.assertEqual((held.held_bytes, held.dropped_bytes), (0, 4))
+        self.assertEqual(held.drain(), [])
+
+    def test_a_chunk_larger_than_the_bound_keeps_its_newest_whole_frames(self) -> None:
+        held = HeldAudio(max_bytes=7, frame_bytes=2)
+        held.append(b"xx")
+        held.append(b"0123456789")
+        self.assertEqual(held.drain(), [b"456789"])
+        self.assertEqual(held.dropped_bytes, 2 + 4)
+
+    @given(st.lists(st.binary(max_size=50), max_size=40), st.integers(1, 120))
+    def test_never_over_the_bound_and_nothing_reordered(self, chunks: list[bytes], max_bytes: int) -> None:
+        held = HeldAudio(max_bytes=max_bytes, frame_bytes=1)
+        for chunk in chunks:
+            held.append(chunk)
+            self.assertLessEqual(held.held_bytes, max_bytes)
+        out = b"".join(held.drain())
+        everything = b"".join(chunks)
+        self.assertTrue(everything.endswith(out))
+        self.assertEqual(len(out) + held.dropped_bytes, len(everything))
+
+    def test_settings_are_checked(self) -> None:
+        with self.assertRaises(ValueError):
+            HeldAudio(max_bytes=1, frame_bytes=2)
+        with self.assertRaises(ValueError):
+            HeldAudio(max_bytes=10, frame_bytes=0)
