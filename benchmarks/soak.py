@@ -36,10 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -48,6 +45,7 @@ from typing import Any
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from bench_daemon import free_port, rss_mb, stop_daemon, twistd_command
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
@@ -177,29 +175,8 @@ class LongClient(WebSocketClientProtocol):
 # -- the daemon -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def twistd_command() -> list[str]:
-    path = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(path):
-        return [path]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -369,7 +346,7 @@ class Soak:
                                           consumeErrors=True)
                 done += round_size
                 fds = yield self.settle(1)
-                sample = Sample(done, round(time.monotonic() - started, 2), fds, rss_kib(self.pid))
+                sample = Sample(done, round(time.monotonic() - started, 2), fds, round(rss_mb(self.pid) * 1024))
                 result.samples.append(sample)
                 print(f"{sample.sessions:>7} sessions {sample.elapsed:>8.1f} s  fds {sample.fds:>4}  "
                       f"RSS {sample.rss_kib / 1024:>7.1f} MiB  long-session turns {long_client.turns}",
@@ -384,19 +361,10 @@ class Soak:
             yield self.stop()
         return result
 
-    @defer.inlineCallbacks
     def stop(self) -> Any:
-        daemon = self.daemon
-        if daemon is None:
-            return
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while daemon.poll() is None and time.monotonic() < deadline:
-            yield task.deferLater(self.reactor, 0.1, lambda: None)
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(5)
+        if self.daemon is None:
+            return defer.succeed(None)
+        return stop_daemon(self.reactor, self.daemon)
 
 
 def verdict(result: Result) -> None:
