@@ -498,8 +498,10 @@ class _InputStream:
 def _duration(seconds: float) -> str:
     """``3600`` → ``"60 minutes"`` (the real message); durations that are not whole minutes in seconds."""
     if seconds >= 60 and seconds % 60 == 0:
-        return f"{int(seconds // 60)} minutes"
-    return f"{seconds:g} seconds"
+        amount, unit = f"{int(seconds // 60)}", "minute"
+    else:
+        amount, unit = f"{seconds:g}", "second"
+    return f"{amount} {unit}" + ("" if amount == "1" else "s")
 
 
 class SimulatedSession:

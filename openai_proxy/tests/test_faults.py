@@ -17,7 +17,7 @@ from twisted.trial import unittest
 from openai_proxy.config import ConfigError, build_config
 from openai_proxy.simulator.__main__ import _parse
 from openai_proxy.simulator.faults import DropRule, FaultSpecError, parse_drop_rule
-from openai_proxy.simulator.server import EXPIRED_CLOSE_CODE, SimulatorFactory
+from openai_proxy.simulator.server import EXPIRED_CLOSE_CODE, SimulatorFactory, _duration
 from openai_proxy.tests.test_simulator import KEY, RecordingClient, SimulatorTestCase
 
 ABNORMAL = 1006
@@ -197,6 +197,11 @@ class ExpiryTests(FaultTestCase):
         assert client.closed is not None
         self.assertEqual(client.closed[1], EXPIRED_CLOSE_CODE)
         self.assertNothingLeft()
+
+    def test_durations_in_the_message(self) -> None:
+        for seconds, said in ((60.0, "1 minute"), (120.0, "2 minutes"), (1.0, "1 second"),
+                              (90.0, "90 seconds"), (0.25, "0.25 seconds")):
+            self.assertEqual(_duration(seconds), said)
 
     def test_the_hour_is_said_in_minutes(self) -> None:
         client, _ = self.connect()
