@@ -72,7 +72,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="end every session with session_expired after SECONDS (default 3600)")
     parser.add_argument("--drop", metavar="RULE", action="append", default=[],
                         help="drop connections: after=S | event=TYPE[,nth=K] "
-                             "[,close=abort|CODE][,session=N|,every=N] (repeatable)")
+                             "[,close=abort|hang|CODE][,session=N|,every=N] (repeatable)")
     parser.add_argument("--drop-after", metavar="SECONDS", action="append", default=[],
                         help="short for --drop after=SECONDS (repeatable)")
     options = parser.parse_args(argv)

@@ -10,7 +10,10 @@ A :class:`DropRule` says *when* a simulated session's connection drops and *how*
 * how: ``close=abort`` (the default) ends the TCP connection without a closing handshake, which the
   peer's WebSocket library reports as 1006 (abnormal closure), like a reset or a dead network path;
   ``close=CODE`` sends a close frame with that code (1011 internal error, 1001 going away, 1012
-  service restart, …) and closes after the peer's answer.
+  service restart, …) and closes after the peer's answer; ``close=hang`` leaves the connection open
+  but silent: nothing more is sent and nothing more is read, so the peer's pings go unanswered (a
+  dead upstream that only a ping timeout can detect). The simulator aborts a hung connection after
+  ``SimulatorFactory.hang_seconds`` (60 s) so that it holds no dead socket itself.
 * which sessions: every one, only the ``session``-th one the simulator opened (1-based, in order
   of opening), so that a test can drop a connection once and let the reconnection live, or
   ``every``-th one (the sessions whose number is a multiple of it), for soaks.
@@ -54,7 +57,8 @@ class DropRule:
 
     Exactly one of ``after`` (seconds, > 0) and ``event`` (a GA event type) is set. ``nth`` (>= 1)
     counts occurrences of ``event`` within one session. ``close`` is ``None`` for a TCP abort, else
-    the close code to send. ``session`` is ``None`` for every session, else the 1-based ordinal of
+    the close code to send; ``hang`` (with ``close`` ``None``) silences the connection instead.
+    ``session`` is ``None`` for every session, else the 1-based ordinal of
     the one session the rule applies to; ``every`` (not with ``session``) limits it to the sessions
     whose ordinal is a multiple of ``every``.
     """
@@ -65,6 +69,7 @@ class DropRule:
     close: int | None = None
     session: int | None = None
     every: int | None = None
+    hang: bool = False
 
     def __post_init__(self) -> None:
         if (self.after is None) == (self.event is None):
@@ -82,6 +87,8 @@ class DropRule:
                 f"close: {self.close!r} cannot be sent in a close frame (use abort for 1006; "
                 f"one of {', '.join(map(str, sorted(SENDABLE_CLOSE_CODES)))} or 3000-4999)"
             )
+        if self.hang and self.close is not None:
+            raise FaultSpecError("close: hang or a code, not both")
         if self.session is not None and self.session < 1:
             raise FaultSpecError(f"session: must be >= 1, got {self.session!r}")
         if self.every is not None and self.every < 1:
@@ -97,7 +104,9 @@ class DropRule:
 
     @property
     def manner(self) -> str:
-        """``"abort"`` or ``"close CODE"`` (for logs)."""
+        """``"abort"``, ``"hang"`` or ``"close CODE"`` (for logs)."""
+        if self.hang:
+            return "hang"
         return "abort" if self.close is None else f"close {self.close}"
 
     def describe(self) -> str:
@@ -105,7 +114,7 @@ class DropRule:
         parts = [f"after={self.after!r}"] if self.after is not None else [f"event={self.event}"]
         if self.event is not None and self.nth != 1:
             parts.append(f"nth={self.nth}")
-        parts.append("close=abort" if self.close is None else f"close={self.close}")
+        parts.append(f"close={self.close}" if self.close is not None else f"close={self.manner}")
         if self.session is not None:
             parts.append(f"session={self.session}")
         if self.every is not None:
@@ -127,7 +136,7 @@ def _integer(key: str, value: str) -> int:
 
 def parse_drop_rule(spec: str) -> DropRule:
     """Read one drop rule: comma-separated ``key=value`` pairs with the keys ``after``, ``event``,
-    ``nth``, ``close`` (``abort`` or a code), ``session`` and ``every``.
+    ``nth``, ``close`` (``abort``, ``hang`` or a code), ``session`` and ``every``.
 
     @raise FaultSpecError: an unknown or repeated key, a malformed value, or an impossible rule.
     """
@@ -152,8 +161,9 @@ def parse_drop_rule(spec: str) -> DropRule:
         except ValueError:
             raise FaultSpecError(f"after: expected seconds, got {values['after']!r}") from None
     close: int | None = None
-    if values.get("close", "abort") != "abort":
-        close = _integer("close", values["close"])
+    manner = values.get("close", "abort")
+    if manner not in ("abort", "hang"):
+        close = _integer("close", manner)
     if "nth" in values and "event" not in values:
         raise FaultSpecError("nth: only with event=TYPE")
     return DropRule(
@@ -163,4 +173,5 @@ def parse_drop_rule(spec: str) -> DropRule:
         close=close,
         session=_integer("session", values["session"]) if "session" in values else None,
         every=_integer("every", values["every"]) if "every" in values else None,
+        hang=manner == "hang",
     )

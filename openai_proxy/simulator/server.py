@@ -549,9 +549,10 @@ class SimulatedSession:
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Send ``session.created`` and start the session clock."""
-        self._send("session.created", session=copy.deepcopy(self.config))
+        """Start the session clock and send ``session.created``."""
+        # The clock first: a fault injected at session.created stops the session, timer included.
         self._expiry = self.clock.callLater(self.max_session_seconds, self._expire)
+        self._send("session.created", session=copy.deepcopy(self.config))
 
     def stop(self) -> None:
         """Release every timer (the socket is gone)."""
@@ -1436,8 +1437,14 @@ class SimulatorProtocol(WebSocketServerProtocol):
         )
         if self.session is not None:
             self.session.stop()  # nothing more is sent, no timer of it outlives the connection
-        if rule.close is None:
-            transport: Any = self.transport
+        transport: Any = self.transport
+        if rule.hang:
+            # Silent: read nothing more (no pong, no close answer); released after a bound.
+            transport.pauseProducing()
+            self._drop_timers.append(
+                self.factory.clock.callLater(self.factory.hang_seconds, transport.abortConnection)
+            )
+        elif rule.close is None:
             transport.abortConnection()
         else:
             self._close(rule.close, "simulated connection drop")
@@ -1490,6 +1497,8 @@ class SimulatorFactory(WebSocketServerFactory):
         self.sessions: list[SimulatorProtocol] = []
         self.drops = tuple(drops)
         self.opened = 0
+        #: Seconds after which a connection silenced by a ``close=hang`` rule is aborted.
+        self.hang_seconds = 60.0
 
 
 def listen_simulator(

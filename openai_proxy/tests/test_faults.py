@@ -10,11 +10,16 @@ import io
 import sys
 from typing import Any
 
+from autobahn.twisted.websocket import WebSocketClientFactory
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from openai_proxy.config import ConfigError, build_config
+from openai_proxy.simulator import listen_simulator
 from openai_proxy.simulator.__main__ import _parse
 from openai_proxy.simulator.faults import DropRule, FaultSpecError, parse_drop_rule
 from openai_proxy.simulator.server import EXPIRED_CLOSE_CODE, SimulatorFactory, _duration
@@ -38,6 +43,9 @@ class ParseTests(unittest.TestCase):
         self.assertEqual(parse_drop_rule("after=1,close=1001").close, 1001)
         self.assertEqual(parse_drop_rule("after=1,close=4321").close, 4321)
         self.assertEqual(parse_drop_rule("event=error,every=3"), DropRule(event="error", every=3))
+        self.assertEqual(parse_drop_rule("after=2,close=hang"), DropRule(after=2.0, hang=True))
+        with self.assertRaisesRegex(FaultSpecError, "hang or a code"):
+            DropRule(after=1.0, close=1011, hang=True)
 
     def test_bad_rules_name_the_key(self) -> None:
         cases = {
@@ -83,6 +91,7 @@ class ParseTests(unittest.TestCase):
                 DropRule,
                 event=st.sampled_from(["response.created", "conversation.item.create"]),
                 every=st.integers(1, 100),
+                hang=st.booleans(),
             ),
             st.builds(
                 DropRule,
@@ -246,6 +255,14 @@ class DropTests(FaultTestCase):
             self.assertEqual(client.closed, (True, code, "simulated connection drop"))
             self.assertNothingLeft()
 
+    def test_drop_at_session_created(self) -> None:
+        self.use(drops=(DropRule(event="session.created"),))
+        client, _ = self.connect()
+        self.assertEqual(client.types(), ["session.created"])
+        assert client.closed is not None
+        self.assertEqual(client.closed[1], ABNORMAL)
+        self.assertNothingLeft()  # the session's expiry timer too
+
     def test_drop_on_a_client_event_before_acting_on_it(self) -> None:
         self.use(drops=(DropRule(event="session.update", close=1011),))
         client, _ = self.connect()
@@ -335,3 +352,31 @@ class DropTests(FaultTestCase):
         assert client.closed is not None
         self.assertEqual(client.closed[1], ABNORMAL)
         self.assertNothingLeft()
+
+
+class HangTests(unittest.TestCase):
+    """``close=hang`` on real loopback sockets: only the peer's ping timeout notices."""
+
+    @defer.inlineCallbacks
+    def test_a_hung_connection_answers_no_ping_and_is_released_later(self) -> Any:
+        port, factory = yield listen_simulator(
+            reactor, api_key=KEY, drops=(DropRule(event="session.created", hang=True),))
+        self.addCleanup(port.stopListening)
+        factory.hang_seconds = 5.0
+        client_factory = WebSocketClientFactory(
+            f"ws://127.0.0.1:{port.getHost().port}/v1/realtime?model=gpt-realtime",
+            headers={"Authorization": f"Bearer {KEY}"})
+        client_factory.protocol = RecordingClient
+        client_factory.setProtocolOptions(autoPingInterval=0.2, autoPingTimeout=0.3)
+        client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(client_factory)
+        # Both ends run on this reactor: the client's ping timeout (well under a second) comes
+        # before the simulator's release of the hung connection (5 s), whatever the load.
+        for _ in range(1000):
+            if client.closed is not None and not factory.sessions:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert client.closed is not None
+        self.assertEqual(client.closed[:2], (False, ABNORMAL))
+        self.assertIn("ping timeout", client.closed[2] or "")
+        self.assertEqual(client.types(), ["session.created"])
+        self.assertEqual(factory.sessions, [])
