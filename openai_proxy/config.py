@@ -9,13 +9,17 @@ working directory's ``.env`` unless ``--env-file`` names another).  Every proble
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
+
+if TYPE_CHECKING:
+    from openai_proxy.simulator.faults import DropRule
 
 DEFAULT_LISTEN = "tcp:8080"
 DEFAULT_UPSTREAM_URL = "wss://api.openai.com/v1/realtime"
@@ -82,6 +86,10 @@ class Config:
     #: URL prefixes server-side functions may call; empty means the feature is off.
     function_url_prefixes: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    #: With ``simulator``: seconds after which simulated sessions expire (``session_expired``).
+    simulator_expire_after: float = 3600.0
+    #: With ``simulator``: connection drops the simulated upstream injects (docs/reliability.md).
+    simulator_drops: tuple[DropRule, ...] = ()
 
     def model_allowed(self, name: str) -> bool:
         """Whether a client's Settings may choose the realtime model ``name``."""
@@ -300,6 +308,8 @@ def build_config(
             )
     limits = Limits(**limits_values)
 
+    simulator_expire_after, simulator_drops = _simulator_faults(options, simulator)
+
     return Config(
         api_key=api_key,
         listen=listen,
@@ -314,5 +324,34 @@ def build_config(
         upstream_ca=upstream_ca,
         function_url_prefixes=function_url_prefixes,
         limits=limits,
+        simulator_expire_after=simulator_expire_after,
+        simulator_drops=simulator_drops,
     )
+
+
+def _simulator_faults(options: Mapping[str, Any], simulator: bool) -> tuple[float, tuple[DropRule, ...]]:
+    """``--simulator-expire-after`` and ``--simulator-drop``: only meaningful with ``--simulator``."""
+    expire_raw = options.get("simulator-expire-after")
+    drop_specs = list(options.get("simulator-drop") or ())
+    if expire_raw in (None, "") and not drop_specs:
+        return 3600.0, ()
+    if not simulator:
+        name = "--simulator-drop" if drop_specs else "--simulator-expire-after"
+        raise ConfigError(f"{name}: only with --simulator")
+    expire_after = 3600.0
+    if expire_raw not in (None, ""):
+        expire_after = _positive_number(expire_raw, "--simulator-expire-after")
+        if not math.isfinite(expire_after):
+            raise ConfigError(f"--simulator-expire-after: must be finite, got {expire_raw!r}")
+    try:
+        from openai_proxy.simulator.faults import FaultSpecError, parse_drop_rule
+    except ImportError as e:
+        raise ConfigError(f"--simulator-drop: the simulator is not installed: {e}") from None
+    drops = []
+    for spec in drop_specs:
+        try:
+            drops.append(parse_drop_rule(spec))
+        except FaultSpecError as e:
+            raise ConfigError(f"--simulator-drop: {spec!r}: {e}") from None
+    return expire_after, tuple(drops)
 

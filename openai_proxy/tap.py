@@ -66,16 +66,24 @@ class Options(usage.Options):
                                               "may call [OPENAI_PROXY_FUNCTION_URL_PREFIXES; none: off]."],
         ["function-timeout", None, None, "Seconds a server-side function has to answer [10]."],
         ["function-max-response-bytes", None, None, "Largest server-side function answer [65536]."],
+        ["simulator-expire-after", None, None, "With --simulator: simulated sessions expire "
+                                               "(session_expired) after this many seconds [3600]."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["simulator-drop"] = []
         self.config: Config | None = None
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, repeatable (e.g. tcp:8080:interface=127.0.0.1) [OPENAI_PROXY_PORT; tcp:8080]."""
         self["listen"].append(description)
+
+    def opt_simulator_drop(self, rule: str) -> None:
+        """With --simulator: drop simulated upstream connections, repeatable (e.g.
+        event=response.output_audio.delta,nth=3,close=1011; see docs/reliability.md)."""
+        self["simulator-drop"].append(rule)
 
     def opt_version(self) -> None:
         """Print the version and exit."""
@@ -163,8 +171,9 @@ class DaemonService(MultiService):
 class _SimulatorService(Service):
     """Runs the built-in simulated upstream on a loopback port for ``--simulator``."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, config: Config) -> None:
         self._reactor = reactor
+        self._config = config
         self._port: Any = None
 
     def startService(self) -> None:
@@ -172,7 +181,12 @@ class _SimulatorService(Service):
 
         super().startService()
         # The daemon's simulator keeps no transcript of what it received (tests use their own).
-        factory = SimulatorFactory(self._reactor, record_received=False)
+        factory = SimulatorFactory(
+            self._reactor,
+            record_received=False,
+            max_session_seconds=self._config.simulator_expire_after,
+            drops=self._config.simulator_drops,
+        )
         self._port = self._reactor.listenTCP(0, factory, interface="127.0.0.1")
 
     def url_for(self, model: str) -> str:
@@ -212,7 +226,7 @@ def build_service(config: Config, reactor: Any, log_observer: Any = None) -> Dae
                 f"--simulator: the simulator needs the 'simulator' extra "
                 f"(pip install 'openai-proxy[simulator]'): {e}"
             ) from None
-        simulator = _SimulatorService(reactor)
+        simulator = _SimulatorService(reactor, config)
         simulator.setServiceParent(root)
         url_for = simulator.url_for
     connector = UpstreamConnector(reactor, config, url_for=url_for)

@@ -203,11 +203,11 @@ class Simulator(Process):
     """``python -m openai_proxy.simulator`` on a free port, recording what it receives."""
 
     def __init__(self, directory: str, *, name: str = "simulator", api_key: str | None = API_KEY,
-                 tls: tuple[str, str] | None = None) -> None:
+                 tls: tuple[str, str] | None = None, options: Sequence[str] = ()) -> None:
         self.port_file = os.path.join(directory, f"{name}.port")
         self.record_path = os.path.join(directory, f"{name}.received.jsonl")
         argv = [sys.executable, "-m", "openai_proxy.simulator", "--port-file", self.port_file,
-                "--record", self.record_path]
+                "--record", self.record_path, *options]
         if api_key is not None:
             argv += ["--api-key", api_key]
         if tls is not None:
@@ -590,8 +590,8 @@ class SystemTestCase(SynchronousTestCase):
         self.addCleanup(process.stop)
 
     def start_simulator(self, *, api_key: str | None = API_KEY, tls: tuple[str, str] | None = None,
-                        name: str = "simulator") -> Simulator:
-        simulator = Simulator(self.directory, name=name, api_key=api_key, tls=tls)
+                        name: str = "simulator", options: Sequence[str] = ()) -> Simulator:
+        simulator = Simulator(self.directory, name=name, api_key=api_key, tls=tls, options=options)
         self._track(simulator)
         simulator.start()
         return simulator

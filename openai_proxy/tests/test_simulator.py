@@ -28,6 +28,7 @@ from txaio.testutil import replace_loop
 from openai_proxy.simulator import SimulatorFactory, listen_simulator, voice
 from openai_proxy.simulator.server import (
     DEFAULT_INSTRUCTIONS,
+    EXPIRED_CLOSE_CODE,
     FATAL_CLOSE_CODE,
     GREETING,
     Call,
@@ -288,7 +289,10 @@ class HandshakeTests(SimulatorTestCase):
         self.advance(1.0, step=1.0)
         self.assertEqual(self.last_error(client)["code"], "session_expired")
         assert client.closed is not None
-        self.assertEqual(client.closed[1], FATAL_CLOSE_CODE)
+        # Public reports of the real API: "received 1001 (going away) Your session hit the maximum
+        # duration of 60 minutes."
+        self.assertEqual(client.closed[1], EXPIRED_CLOSE_CODE)
+        self.assertEqual(client.closed[2], "Your session hit the maximum duration of 60 minutes.")
 
 
 # --------------------------------------------------------------------------- shapes vs capture
