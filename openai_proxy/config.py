@@ -37,7 +37,7 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 
 #: Limits that 0 turns off rather than makes impossible.
-_ZERO_ALLOWED_LIMITS = frozenset({"shutdown_grace", "ping_interval"})
+_ZERO_ALLOWED_LIMITS = frozenset({"shutdown_grace", "ping_interval", "upstream_ping_interval"})
 
 
 class ConfigError(Exception):
@@ -62,6 +62,9 @@ class Limits:
     shutdown_grace: float = 30.0
     #: Seconds between WebSocket pings to the client (0 disables).
     ping_interval: float = 20.0
+    #: Seconds between WebSocket pings to the upstream (0 disables); one unanswered for twice this
+    #: long drops the connection, which is then reconnected (SPEC §8).
+    upstream_ping_interval: float = 15.0
     #: Seconds a server-side function endpoint has to answer.
     function_timeout: float = 10.0
     #: Largest server-side function response body, in bytes.
@@ -90,6 +93,9 @@ class Config:
     simulator_expire_after: float = 3600.0
     #: With ``simulator``: connection drops the simulated upstream injects (docs/reliability.md).
     simulator_drops: tuple[DropRule, ...] = ()
+    #: Seconds after an upstream session's start from which it is rolled over at the next quiet
+    #: moment (SPEC §8); ``None``: 55 minutes, scaled to a session announced shorter than 60 minutes.
+    rollover_after: float | None = None
 
     def model_allowed(self, name: str) -> bool:
         """Whether a client's Settings may choose the realtime model ``name``."""
@@ -310,6 +316,13 @@ def build_config(
 
     simulator_expire_after, simulator_drops = _simulator_faults(options, simulator)
 
+    rollover_raw = pick("rollover-after", "OPENAI_PROXY_ROLLOVER_AFTER")
+    rollover_after: float | None = None
+    if rollover_raw is not None:
+        rollover_after = _positive_number(rollover_raw, "--rollover-after")
+        if not math.isfinite(rollover_after):
+            raise ConfigError(f"--rollover-after: must be finite, got {rollover_raw!r}")
+
     return Config(
         api_key=api_key,
         listen=listen,
@@ -326,6 +339,7 @@ def build_config(
         limits=limits,
         simulator_expire_after=simulator_expire_after,
         simulator_drops=simulator_drops,
+        rollover_after=rollover_after,
     )
 
 

@@ -164,10 +164,14 @@ class UpstreamLink:
     ``send`` never blocks: before the socket is open events wait (in order, bounded) on the gate; the gate's
     Deferred fires in ``onOpen`` (Autobahn's own ``open()`` never fires when the upgrade is refused, so the
     link keeps its own) and errbacks when the socket closes without having opened.
+
+    ``generation`` numbers the links of one client (``ConnectUpstream.generation``): the owner routes
+    what a link reports by it, and ignores a link that is neither its current one nor its candidate.
     """
 
-    def __init__(self, owner: ClientProtocol) -> None:
+    def __init__(self, owner: ClientProtocol, generation: int = 0) -> None:
         self._owner = owner
+        self.generation = generation
         self._queue: deque[dict[str, Any]] = deque()
         self._protocol: UpstreamProtocol | None = None
         self._connector: Any = None
@@ -193,7 +197,8 @@ class UpstreamLink:
         self._timeout = None
         if self._protocol is None and not self._closed:
             self._closed = True
-            self._owner.upstream_report(lambda session: session.upstream_timed_out())
+            self._owner.upstream_report(
+                self, lambda session: session.upstream_timed_out(self.generation))
             self.close()
 
     def _cancel_timeout(self) -> None:
@@ -214,7 +219,8 @@ class UpstreamLink:
         )
         if not self._closed:
             self._closed = True
-            self._owner.upstream_report(lambda session: session.upstream_unreachable())
+            self._owner.upstream_report(
+                self, lambda session: session.upstream_unreachable(self.generation))
 
     def send(self, event: dict[str, Any]) -> None:
         if self._closed:
@@ -244,14 +250,26 @@ class UpstreamLink:
             protocol.dropConnection(abort=True)
             return
         self._protocol = protocol
-        _glue(protocol.transport, self._owner.transport)
-        _glue(self._owner.transport, protocol.transport)
-        self._owner.upstream_opened()
+        if self._owner.is_current(self):
+            self.glue()
+        self._owner.upstream_opened(self)
         self.gate.callback(protocol)
+
+    def glue(self) -> None:
+        """Register backpressure between this link's socket and the client's (both ways)."""
+        if self._protocol is not None and self._protocol.transport is not None:
+            _glue(self._protocol.transport, self._owner.transport)
+            _glue(self._owner.transport, self._protocol.transport)
+
+    def unglue(self) -> None:
+        """Undo :meth:`glue` on this link's side (the client's side is re-registered by the next)."""
+        transport: Any = self._protocol.transport if self._protocol is not None else None
+        if transport is not None and getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
 
     def event(self, event: dict[str, Any]) -> None:
         if not self._closed:
-            self._owner.upstream_event(event)
+            self._owner.upstream_event(self, event)
 
     def protocol_problem(self, description: str) -> None:
         _log.warn(
@@ -281,7 +299,7 @@ class UpstreamLink:
         if self._closed:
             return
         self._closed = True
-        self._owner.upstream_closed(s.UpstreamClosure(
+        self._owner.upstream_closed(self, s.UpstreamClosure(
             was_open=was_open,
             close_code=code,
             http_status=status,
@@ -291,7 +309,7 @@ class UpstreamLink:
     def _fail(self, code: str, description: str) -> None:
         if not self._closed:
             self._closed = True
-            self._owner.upstream_failed(code, description)
+            self._owner.upstream_failed(self, code, description)
 
     def close(self) -> None:
         """Release the upstream socket (idempotent)."""
@@ -348,9 +366,13 @@ class UpstreamConnector:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
         factory = WebSocketClientFactory(url, headers=headers, reactor=self.reactor)
         factory.protocol = UpstreamProtocol
+        ping = self.config.limits.upstream_ping_interval
         factory.setProtocolOptions(
             # The link's own timer (same limit, started earlier) reports UPSTREAM_TIMEOUT first.
             openHandshakeTimeout=self.config.limits.handshake_timeout * 2,
+            # An upstream that stops answering pings (a dead path) is dropped, then reconnected.
+            autoPingInterval=ping or 0,
+            autoPingTimeout=ping * 2 if ping else 0,
             closeHandshakeTimeout=1.0,
             # Upstream events (session.updated with long instructions, audio deltas) can be large.
             maxMessagePayloadSize=16 * 1024 * 1024,
@@ -412,7 +434,9 @@ class ClientProtocol(WebSocketServerProtocol):
         self.session: s.Session | None = None
         self.request_id = ""
         self.trace_id: str | None = None
+        #: The upstream link the session talks to, and the one being set up to replace it (SPEC §8).
         self._upstream: UpstreamLink | None = None
+        self._candidate: UpstreamLink | None = None
         self._timers: dict[Hashable, Any] = {}
         self._function_calls: set[defer.Deferred[str]] = set()
         self._gone = False
@@ -527,8 +551,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self._timers.clear()
         for call in list(self._function_calls):
             call.cancel()
-        if self._upstream is not None:
-            self._upstream.close()
+        self._close_links()
         self.factory.registry.remove(self)
 
     @property
@@ -536,34 +559,90 @@ class ClientProtocol(WebSocketServerProtocol):
         """The fields every log record of this session carries."""
         return {"connection_id": self.request_id, "trace_id": self.trace_id}
 
-    # -- inputs from the upstream link ------------------------------------------------------------
+    # -- inputs from the upstream links ------------------------------------------------------------
 
-    def upstream_opened(self) -> None:
-        if self.session is not None:
-            self._carry_out(self.session.upstream_opened())
+    def is_current(self, link: UpstreamLink) -> bool:
+        return link is self._upstream
 
-    def upstream_event(self, event: dict[str, Any]) -> None:
-        if self.session is None:
+    def _live(self, link: UpstreamLink) -> bool:
+        # A link that is neither current nor candidate is stale: what it reports is dropped.
+        return self.session is not None and (link is self._upstream or link is self._candidate)
+
+    def upstream_opened(self, link: UpstreamLink) -> None:
+        if self._live(link):
+            assert self.session is not None
+            self._carry_out(self.session.upstream_opened(link.generation))
+
+    def upstream_event(self, link: UpstreamLink, event: dict[str, Any]) -> None:
+        if not self._live(link):
             return
+        assert self.session is not None
         self.log_message("upstream->daemon", event)
         # (The session logs upstream error events at the default level.)
         try:
-            self._carry_out(self.session.upstream_event(event))
+            self._carry_out(self.session.upstream_event(event, link.generation))
         except Exception:
             self._internal_error()
 
-    def upstream_failed(self, code: str, description: str) -> None:
-        if self.session is not None:
-            self._carry_out(self.session.upstream_failed(code, description))
+    def upstream_failed(self, link: UpstreamLink, code: str, description: str) -> None:
+        if self._live(link):
+            assert self.session is not None
+            self._carry_out(self.session.upstream_failed(code, description, link.generation))
 
-    def upstream_closed(self, closure: s.UpstreamClosure) -> None:
-        if self.session is not None:
-            self._carry_out(self.session.upstream_closed(closure))
+    def upstream_closed(self, link: UpstreamLink, closure: s.UpstreamClosure) -> None:
+        if self._live(link):
+            assert self.session is not None
+            self._carry_out(self.session.upstream_closed(closure, link.generation))
 
-    def upstream_report(self, report: Callable[[s.Session], list[s.Output]]) -> None:
+    def upstream_report(
+        self, link: UpstreamLink, report: Callable[[s.Session], list[s.Output]]
+    ) -> None:
         """Hand one fact about the upstream to the session (it decides what the client hears)."""
-        if self.session is not None:
+        if self._live(link):
+            assert self.session is not None
             self._carry_out(report(self.session))
+
+    def _link(self, generation: int | None) -> UpstreamLink | None:
+        if generation is None:
+            return self._upstream
+        for link in (self._upstream, self._candidate):
+            if link is not None and link.generation == generation:
+                return link
+        return None
+
+    def _connect(self, model: str, generation: int) -> None:
+        link = UpstreamLink(self, generation)
+        if self._upstream is None:
+            self._upstream = link
+        else:
+            if self._candidate is not None:
+                self._candidate.close()
+            self._candidate = link
+        link.connect(self.factory.connector, model)
+
+    def _swap(self, generation: int) -> None:
+        """The candidate becomes the current link in this reactor turn: backpressure moves to it and
+        the old link is closed."""
+        new = self._candidate
+        if new is None or new.generation != generation:
+            return
+        old, self._upstream, self._candidate = self._upstream, new, None
+        if old is not None:
+            old.unglue()
+            old.close()
+        new.glue()
+        # The old upstream may have paused reading from the client; the new one decides now.
+        transport: Any = self.transport
+        if transport is not None and hasattr(transport, "resumeProducing"):
+            transport.resumeProducing()
+
+    def _close_links(self, generation: int | None = None) -> None:
+        for link in (self._upstream, self._candidate):
+            if link is not None and (generation is None or link.generation == generation):
+                link.close()
+        if generation is not None and self._candidate is not None \
+                and self._candidate.generation == generation:
+            self._candidate = None
 
     # -- outputs ----------------------------------------------------------------------------------
 
@@ -588,11 +667,15 @@ class ClientProtocol(WebSocketServerProtocol):
                 if self.state == self.STATE_OPEN:
                     self.sendMessage(output.data, isBinary=True)
             elif isinstance(output, s.SendUpstream):
-                if self._upstream is not None:
-                    self._upstream.send(output.event)
+                link = self._link(output.generation)
+                if link is not None:
+                    link.send(output.event)
             elif isinstance(output, s.ConnectUpstream):
-                self._upstream = UpstreamLink(self)
-                self._upstream.connect(self.factory.connector, output.model)
+                self._connect(output.model, output.generation)
+            elif isinstance(output, s.SwapUpstream):
+                self._swap(output.generation)
+            elif isinstance(output, s.Count):
+                self.factory.registry.count_continuity(output.name, output.amount)
             elif isinstance(output, s.CallFunction):
                 self._call_function(output)
             elif isinstance(output, s.StartTimer):
@@ -604,11 +687,9 @@ class ClientProtocol(WebSocketServerProtocol):
             elif isinstance(output, s.CloseClient):
                 if not self._gone:
                     self.close_with(output.code, output.reason)
-                if self._upstream is not None:
-                    self._upstream.close()
+                self._close_links()
             elif isinstance(output, s.CloseUpstream):
-                if self._upstream is not None:
-                    self._upstream.close()
+                self._close_links(output.generation)
             elif isinstance(output, s.Log):
                 _level(output.level)(output.format, **self.log_fields, **output.fields)
 
@@ -682,6 +763,10 @@ class SessionRegistry(Service):
         self.sessions_total = 0
         #: ``Error`` / ``Warning`` messages sent to clients, by (type, code).
         self.client_errors: Counter[tuple[str, str]] = Counter()
+        #: Moves of conversations to new upstream sessions (SPEC §8), summed over every session:
+        #: ``rollovers``, ``rollovers_failed``, ``reconnects``, ``reconnects_failed``,
+        #: ``replayed_items``, ``switch_ms`` (total duration of completed switches).
+        self.continuity: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -694,6 +779,10 @@ class SessionRegistry(Service):
         """Count an ``Error`` or ``Warning`` on its way to a client (for ``/metrics``)."""
         if message.get("type") in ("Error", "Warning"):
             self.client_errors[(message["type"], str(message.get("code")))] += 1
+
+    def count_continuity(self, name: str, amount: int = 1) -> None:
+        """Add to one of :attr:`continuity`'s counters."""
+        self.continuity[name] += amount
 
     def remove(self, protocol: ClientProtocol) -> None:
         self._sessions.discard(protocol)
@@ -762,6 +851,7 @@ class ClientFactory(WebSocketServerFactory):
             audio_buffer_seconds=config.limits.audio_buffer_seconds,
             function_call_timeout=config.limits.function_call_timeout,
             function_url_prefixes=config.function_url_prefixes,
+            rollover_after=config.rollover_after,
         )
         limits = config.limits
         self.setProtocolOptions(

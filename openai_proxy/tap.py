@@ -62,6 +62,10 @@ class Options(usage.Options):
                                               "functions to end [10]."],
         ["shutdown-grace", None, None, "Seconds sessions get to finish after SIGTERM [30]."],
         ["ping-interval", None, None, "Seconds between pings to clients; 0 disables [20]."],
+        ["upstream-ping-interval", None, None, "Seconds between pings to the upstream; 0 disables [15]."],
+        ["rollover-after", None, None, "Seconds after which an upstream session is rolled over at "
+                                       "the next quiet moment [OPENAI_PROXY_ROLLOVER_AFTER; 3300, "
+                                       "scaled to a shorter announced expiry]."],
         ["function-url-prefixes", None, None, "Comma-separated URL prefixes server-side functions "
                                               "may call [OPENAI_PROXY_FUNCTION_URL_PREFIXES; none: off]."],
         ["function-timeout", None, None, "Seconds a server-side function has to answer [10]."],

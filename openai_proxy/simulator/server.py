@@ -38,7 +38,10 @@ What the simulated model says is deterministic, decided per response in this ord
    declaration order, with arguments filled from the text (:func:`_fill_arguments`).
    ``tool_choice`` ``"none"`` disables this, ``"required"`` calls the first tool when none
    matches, ``{"type": "function", "name": ...}`` calls that tool.
-4. Otherwise "You said: <user text>" (audio turns use the simulated transcript, see
+4. The last user message asks "what did I say first" (any case, any punctuation): "You first said:
+   <the first user message of the conversation>", so that a test can tell whether the session
+   still holds its beginning (after a rollover or a reconnection, from the replayed items).
+5. Otherwise "You said: <user text>" (audio turns use the simulated transcript, see
    :mod:`.voice`), or "Hello! How can I help you today?" when there is no user message.
 
 Replies are spoken in the session's (or the response's) output format as a synthetic voice of
@@ -344,6 +347,10 @@ def _required_value(kind: object, text: str) -> object:
     return {"boolean": False, "array": [], "object": {}}.get(str(kind), text)
 
 
+_WORD = re.compile(r"[a-z']+")
+_FIRST_QUESTION = "what did i say first"
+
+
 def compose_reply(
     instructions: str | None,
     context: list[Item],
@@ -360,6 +367,9 @@ def compose_reply(
     if last_user is None:
         return [Say(GREETING)]
     text = context[last_user].text()
+    if _FIRST_QUESTION in " ".join(_WORD.findall(text.lower())):
+        first = next(i.text() for i in context if i.role == "user")
+        return [Say(f"You first said: {first}")]
     answered = any(
         item.role == "assistant" or item.data.get("type") == "function_call"
         for item in context[last_user + 1 :]

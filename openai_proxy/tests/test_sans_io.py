@@ -81,9 +81,17 @@ class UpstreamClosureTests(SynchronousTestCase):
     ]
 
     def test_each_closure(self) -> None:
-        for closure, code, words in self.CASES:
+        # Before the upstream ever opened nothing is reconnected (SPEC §7); for an upstream that was
+        # open, a close that is not worth a reconnection (SPEC §8) is told the same way.
+        cases = [(c, code, words) for c, code, words in self.CASES if not c.was_open] + [
+            (s.UpstreamClosure(was_open=True, close_code=1008), errors.UPSTREAM_CLOSED, "1008"),
+            (s.UpstreamClosure(was_open=True, close_code=4000), errors.UPSTREAM_CLOSED, "4000"),
+        ]
+        for closure, code, words in cases:
             h = Harness()
             h.configure()
+            if closure.was_open:
+                h.feed(h.session.upstream_opened())
             out = h.feed(h.session.upstream_closed(closure))
             [error] = h.client(out)
             self.assertEqual(error["code"], code, closure)
@@ -104,7 +112,7 @@ class UpstreamClosureTests(SynchronousTestCase):
     def test_closure_releases_timers(self) -> None:
         h = Harness()
         h.text({"type": "Settings", **{k: v for k, v in _settings().items() if k != "type"}})
-        out = h.feed(h.session.upstream_closed(s.UpstreamClosure(was_open=True, close_code=1006)))
+        out = h.feed(h.session.upstream_closed(s.UpstreamClosure(was_open=False, http_status=500)))
         self.assertIn(s.CancelTimer(s.TimerKey(s.TimerKind.UPDATE_WATCHDOG)), out)
         self.assertTrue(all(not isinstance(o, s.StartTimer) for o in out))
 
