@@ -122,3 +122,56 @@ class UpstreamClosureTests(SynchronousTestCase):
         out = h.feed(h.session.draining())
         self.assertEqual(h.client(out)[0]["code"], errors.SHUTTING_DOWN)
         self.assertIn(s.CloseClient(1001, "server shutting down"), out)
+
+
+class SwitchTests(SynchronousTestCase):
+    """SPEC §8 in memory: the session's side of a reconnection, input by input."""
+
+    def lost(self) -> tuple[Harness, list[s.Output]]:
+        h = Harness(random=lambda: 0.5)
+        h.configure()
+        h.feed(h.session.upstream_opened())
+        h.text({"type": "InjectUserMessage", "content": "Tell me about the sea"})
+        [create] = [o.event for o in h.outputs if isinstance(o, s.SendUpstream)
+                    and o.event["type"] == "conversation.item.create"]
+        h.up("conversation.item.done", item=create["item"])
+        out = h.feed(h.session.upstream_closed(s.UpstreamClosure(was_open=True, close_code=1006)))
+        return h, out
+
+    def test_a_drop_starts_a_reconnection_after_the_backoff(self) -> None:
+        h, out = self.lost()
+        [warning] = h.client(out)
+        self.assertEqual(warning["code"], errors.UPSTREAM_RECONNECTING)
+        [start] = [o for o in out if isinstance(o, s.StartTimer)
+                   and o.name == s.TimerKey(s.TimerKind.RECONNECT)]
+        self.assertEqual(start.seconds, 0.125)  # half of the first ceiling, 0.25 s
+        self.assertNotIn(s.CloseClient, [type(o) for o in out])
+        out = h.timer(start.name)
+        self.assertIn(s.ConnectUpstream("gpt-realtime", 1), out)
+
+    def test_the_new_session_gets_the_configuration_then_the_replay_then_the_swap(self) -> None:
+        h, _ = self.lost()
+        h.timer(s.TimerKey(s.TimerKind.RECONNECT))
+        # Events from the lost connection (generation 0) change nothing any more.
+        self.assertEqual(h.feed(h.session.upstream_event(
+            {"type": "input_audio_buffer.speech_started", "audio_start_ms": 0})), [])
+        out = h.feed(h.session.upstream_opened(1))
+        [update] = [o for o in out if isinstance(o, s.SendUpstream)]
+        self.assertEqual((update.generation, update.event["type"]), (1, "session.update"))
+        self.assertEqual(update.event["session"]["instructions"], "You are helpful.")
+        out = h.feed(h.session.upstream_event({"type": "session.updated", "session": {}}, 1))
+        [replayed] = [o for o in out if isinstance(o, s.SendUpstream)]
+        self.assertEqual(replayed.generation, 1)
+        self.assertEqual(replayed.event["item"]["content"][0]["text"], "Tell me about the sea")
+        out = h.feed(h.session.upstream_event(
+            {"type": "conversation.item.done", "item": replayed.event["item"]}, 1))
+        self.assertIn(s.SwapUpstream(1), out)
+        self.assertEqual([m["code"] for m in h.client(out)], [errors.UPSTREAM_RECONNECTED])
+        self.assertEqual(h.session.stats["reconnects"], 1)
+
+    def test_client_leaving_during_a_reconnection_cancels_every_timer(self) -> None:
+        h, _ = self.lost()
+        h.timer(s.TimerKey(s.TimerKind.RECONNECT))
+        out = h.feed(h.session.client_closed())
+        self.assertIn(s.CloseUpstream(), out)
+        self.assertEqual(h.session._emit.timers, set())

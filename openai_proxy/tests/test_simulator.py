@@ -1165,6 +1165,15 @@ class ReplyRuleTests(unittest.TestCase):
             [Say("Here is what I found: sunny")],
         )
 
+    def test_compose_reply_answers_what_was_said_first(self) -> None:
+        context = [self.user("Tell me about the sea"), self.user("and the mountains"),
+                   self.user("So, WHAT did I say first?!")]
+        self.assertEqual(compose_reply(None, context, [WEATHER_TOOL], "auto"),
+                         [Say("You first said: Tell me about the sea")])
+        # Only that question: other messages are echoed as before.
+        self.assertEqual(compose_reply(None, context[:2], [], "auto"),
+                         [Say("You said: and the mountains")])
+
     def test_merge_session_changes_only_what_was_sent(self) -> None:
         base = default_session("sess_x", "gpt-realtime", 0)
         merged = merge_session(
