@@ -764,7 +764,7 @@ class SessionRegistry(Service):
         #: ``Error`` / ``Warning`` messages sent to clients, by (type, code).
         self.client_errors: Counter[tuple[str, str]] = Counter()
         #: Moves of conversations to new upstream sessions (SPEC §8), summed over every session:
-        #: ``rollovers``, ``rollovers_failed``, ``reconnects``, ``reconnects_failed``,
+        #: ``rollovers``, ``rollovers_forced``, ``rollovers_failed``, ``reconnects``, ``reconnects_failed``,
         #: ``replayed_items``, ``switch_ms`` (total duration of completed switches).
         self.continuity: Counter[str] = Counter()
 

@@ -97,6 +97,9 @@ RECONNECT_TIMER = TimerKey(TimerKind.RECONNECT)
 SWITCH_TIMER = TimerKey(TimerKind.SWITCH_TIMEOUT)
 #: After a rollover that failed while the current upstream session lives, the wait before the next try.
 ROLLOVER_RETRY_SECONDS = 2.0
+#: While a rollover waits for a quiet moment, how often the session looks again (the end of the agent's
+#: playback is no event of its own).
+QUIET_POLL_SECONDS = 0.5
 #: Upstream events the session may hold during a switch (beyond it the newest are dropped, logged).
 MAX_HELD_EVENTS = 256
 #: How long a partial append batch may wait for more audio.
@@ -474,11 +477,13 @@ class Session:
             self._begin_switch(SwitchReason.ROLLOVER)
         elif action is RolloverAction.WAIT_FOR_QUIET:
             self._rollover_due = True
-            self._arm_rollover()
+            until_forced = self._schedule.hard_deadline - self._now()
+            self._start_timer(ROLLOVER_TIMER, max(0.0, min(QUIET_POLL_SECONDS, until_forced)))
         elif action is RolloverAction.FORCE:
             self._log("warn", "no quiet moment before the upstream session's hard deadline; "
                       "rolling over now")
             self._cut_reply(cancel=True)
+            self._count("rollovers_forced")
             self._begin_switch(SwitchReason.FORCED_ROLLOVER)
         else:
             self._arm_rollover()
@@ -1452,6 +1457,7 @@ class Session:
 
     def _response_ended(self, response_id: str) -> None:
         self._turn_end = None
+        self._partial_text.clear()
         if self._replies is not None:
             self._replies.response_ended(response_id)
 

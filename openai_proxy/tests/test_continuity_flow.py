@@ -295,12 +295,18 @@ class RolloverTests(_ContinuityTestCase):
         daemon = self.start(max_session_seconds=60.0)
         client = daemon.configured_client()
         self.turn(daemon, client, FIRST)
-        daemon.advance(self.soft_deadline(daemon) - 0.5 - daemon.reactor.seconds())
+        soft = self.soft_deadline(daemon)
+        daemon.advance(soft - 0.5 - daemon.reactor.seconds())
         # A reply that plays past the soft deadline but not to the hard one.
         client.send_json({"type": "InjectUserMessage", "content": "Say something short"})
         daemon.run_until(client.has("AgentStartedSpeaking"), "the reply")
         self.assertEqual(self.stats(daemon).get("rollovers"), None)
         daemon.run_until(lambda: self.stats(daemon).get("rollovers") == 1, "the rollover")
+        self.assertNotIn("rollovers_forced", self.stats(daemon))
+        # It came once the reply had played out, not at the soft deadline.
+        session = daemon.client_session().session
+        assert session is not None and session._replies is not None
+        self.assertGreater(daemon.reactor.seconds(), soft)
         self.assertEqual(len(client.of_type("AgentAudioDone")), 2)
         self.assertEqual(self.warnings(client), [])
         self.assertRemembers(daemon, client)
@@ -320,6 +326,7 @@ class RolloverTests(_ContinuityTestCase):
         daemon.run_until(client.has("AgentStartedSpeaking"), "the long reply")
         daemon.run_until(lambda: self.stats(daemon).get("rollovers") == 1, "the forced rollover")
         self.assertAlmostEqual(daemon.reactor.seconds(), hard, places=3)
+        self.assertEqual(self.stats(daemon).get("rollovers_forced"), 1)
         self.assertEqual(len(client.of_type("AgentAudioDone")), 2)
         self.assertEqual(self.warnings(client), [])
         self.assertEqual(daemon.simulator_sent("error"), [])
