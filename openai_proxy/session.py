@@ -687,19 +687,18 @@ class Session:
         for update in pending:
             if update.ack is not None and not (configuring and update.ack is Ack.SETTINGS_APPLIED):
                 self._client(m.simple(update.ack.value))
-        # Items sent to a lost session and never confirmed are sent again.
+        # Items the previous session never confirmed are not in the replay: they are sent again.
         held = self._emit.held_upstream or []
         held_items = {e.get("item", {}).get("id") for e in held
                       if e.get("type") == "conversation.item.create"}
-        resend = [e for item_id, e in self._unconfirmed.items() if item_id not in held_items]
-        if reconnected:
-            for event in resend:
-                self._upstream(event)
+        held[:0] = [e for item_id, e in self._unconfirmed.items() if item_id not in held_items]
         if configuring:
             self._emit.held_upstream = None
             self._become_ready()
             for event in held:
                 self._upstream(event)
+        else:
+            self._emit.held_upstream = held
         self._release_hold()
         self._pump()
 
