@@ -9,6 +9,8 @@ no simulated upstream session, no connection (upstream sockets included) and no 
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import replace
 from typing import Any
 
@@ -61,12 +63,22 @@ class _ContinuityTestCase(_MemoryTestCase):
         self.assertEqual(self.turn(daemon, client, QUESTION), f"You first said: {FIRST}")
 
     def closeAndCheck(self, daemon: MemoryDaemon, client: MemoryClient) -> None:
+        protocol = daemon.client_session()
+        session = weakref.ref(protocol.session) if protocol.session is not None else None
+        links = [weakref.ref(link) for link in (protocol._upstream, protocol._candidate) if link]
+        del protocol
         client.sendClose(1000)
         daemon.run_until(lambda: client.closed.called, "the client's close")
         daemon.run_until(lambda: not daemon.simulator.sessions and not daemon.pumps,
                          "every upstream connection's end", within=5.0)
         daemon.advance(5.0)  # Autobahn's close timers of the old connections run out
         self.assertQuiet(daemon)
+        # Nothing holds the session or its upstream links any more.
+        gc.collect()
+        self.assertEqual([ref() for ref in links if ref() is not None], [])
+        self.assertIsNotNone(session)
+        assert session is not None
+        self.assertIsNone(session(), "the session outlived its client")
 
     def warnings(self, client: MemoryClient) -> list[str]:
         return [m["code"] for m in client.messages if m["type"] in ("Warning", "Error")]
@@ -283,6 +295,7 @@ class RolloverTests(_ContinuityTestCase):
         self.assertIsInstance(transport.producer, _PauseRelay)
         assert session._upstream is not None and session._upstream._protocol is not None
         self.assertIs(transport.producer._transport, session._upstream._protocol.transport)
+        del session, transport
         self.closeAndCheck(daemon, client)
 
     def soft_deadline(self, daemon: MemoryDaemon) -> float:
@@ -310,6 +323,7 @@ class RolloverTests(_ContinuityTestCase):
         self.assertEqual(len(client.of_type("AgentAudioDone")), 2)
         self.assertEqual(self.warnings(client), [])
         self.assertRemembers(daemon, client)
+        del session
         self.closeAndCheck(daemon, client)
 
     def test_forced_rollover_cuts_the_reply_as_a_barge_in(self) -> None:
@@ -331,6 +345,7 @@ class RolloverTests(_ContinuityTestCase):
         self.assertEqual(self.warnings(client), [])
         self.assertEqual(daemon.simulator_sent("error"), [])
         self.assertRemembers(daemon, client)
+        del session
         self.closeAndCheck(daemon, client)
 
     def test_drop_during_a_rollover(self) -> None:
