@@ -100,6 +100,11 @@ class ReconnectTests(_ContinuityTestCase):
         self.assertIn("audio", kinds)
         reconnecting = kinds.index("Warning")
         self.assertIn("AgentAudioDone", kinds[reconnecting:])
+        # ... and the text it had reached, as after a barge-in.
+        [partial] = client.of_type("ConversationText", role="assistant")
+        self.assertTrue(f"You said: {FIRST}".startswith(partial["content"]), partial)
+        self.assertLess(client.messages.index(partial),
+                        client.messages.index(client.of_type("Warning")[1]))
         self.assertEqual(self.warnings(client),
                          [errors.UPSTREAM_RECONNECTING, errors.UPSTREAM_RECONNECTED])
         self.assertRemembers(daemon, client)
