@@ -7,6 +7,10 @@ inputs and carry out the session's outputs.
   socket is open, then they flow in order.  :class:`UpstreamProtocol` is its Autobahn client protocol.
 - Backpressure: each leg's transport is registered as a push producer on the other (through
   :class:`_PauseRelay`), so a slow reader on one side stops reading on the other instead of queueing.
+- Continuity (SPEC §8): a client has a current link and, while the session moves the conversation to a
+  new upstream session, a candidate link; links are numbered (``generation``) and what a link that is
+  neither reports is dropped. ``SwapUpstream`` makes the candidate current in one reactor turn: the
+  backpressure registration moves to it and the old link is closed.
 """
 
 from __future__ import annotations
