@@ -365,19 +365,24 @@ class Bench:
             "own": own,
         }
 
-    @defer.inlineCallbacks
     def _stop(self, daemon: subprocess.Popen[bytes]) -> Any:
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while daemon.poll() is None and time.monotonic() < deadline:
-            yield task.deferLater(self.reactor, 0.1, lambda: None)
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(5)
+        return stop_daemon(self.reactor, daemon)
 
 
 # -- process figures ------------------------------------------------------------------------------
+
+
+@defer.inlineCallbacks
+def stop_daemon(reactor: Any, daemon: subprocess.Popen[bytes]) -> Any:
+    """SIGTERM, up to 10 s to exit, then SIGKILL."""
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while daemon.poll() is None and time.monotonic() < deadline:
+        yield task.deferLater(reactor, 0.1, lambda: None)
+    if daemon.poll() is None:
+        daemon.kill()
+        daemon.wait(5)
 
 
 def free_port() -> int:

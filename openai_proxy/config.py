@@ -9,14 +9,18 @@ working directory's ``.env`` unless ``--env-file`` names another).  Every proble
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
+
+if TYPE_CHECKING:
+    from openai_proxy.simulator.faults import DropRule
 
 DEFAULT_LISTEN = "tcp:8080"
 DEFAULT_UPSTREAM_URL = "wss://api.openai.com/v1/realtime"
@@ -34,7 +38,7 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 
 #: Limits that 0 turns off rather than makes impossible.
-_ZERO_ALLOWED_LIMITS = frozenset({"shutdown_grace", "ping_interval"})
+_ZERO_ALLOWED_LIMITS = frozenset({"shutdown_grace", "ping_interval", "upstream_ping_interval"})
 
 
 class ConfigError(Exception):
@@ -59,6 +63,9 @@ class Limits:
     shutdown_grace: float = 30.0
     #: Seconds between WebSocket pings to the client (0 disables).
     ping_interval: float = 20.0
+    #: Seconds between WebSocket pings to the upstream (0 disables); one unanswered for twice this
+    #: long drops the connection, which is then reconnected (SPEC §8).
+    upstream_ping_interval: float = 15.0
     #: Seconds a server-side function endpoint has to answer.
     function_timeout: float = 10.0
     #: Largest server-side function response body, in bytes.
@@ -97,14 +104,6 @@ class Config:
     upstream_kind: str = "openai"
     #: Azure only: a file holding a Microsoft Entra access token, read again for every upstream connection.
     azure_ad_token_file: str | None = None
-
-    def upstream_headers(self) -> dict[str, str]:
-        """
-        The upstream WebSocket upgrade's authentication header: ``Authorization: Bearer <key>`` for OpenAI;
-        for Azure OpenAI, ``api-key: <key>`` or, with an Entra token file, ``Authorization: Bearer <token>``.
-        An unreadable or empty token file gives no header (the upstream then refuses: UPSTREAM_AUTH_FAILED).
-        """
-        return upstream_auth_headers(self)
     #: Browser origins (``scheme://host[:port]``, ``*`` globs, or ``null``) allowed to open sessions;
     #: empty: any.  Requests without an ``Origin`` header (non-browser clients) are never refused by it.
     allowed_origins: tuple[str, ...] = ()
@@ -113,6 +112,21 @@ class Config:
     metrics_listen: tuple[str, ...] = ()
     #: ``/metrics`` answers 401 without a client token (needs client tokens to be configured).
     metrics_require_token: bool = False
+    #: With ``simulator``: seconds after which simulated sessions expire (``session_expired``).
+    simulator_expire_after: float = 3600.0
+    #: With ``simulator``: connection drops the simulated upstream injects (docs/reliability.md).
+    simulator_drops: tuple[DropRule, ...] = ()
+    #: Seconds after an upstream session's start from which it is rolled over at the next quiet
+    #: moment (SPEC §8); ``None``: 55 minutes, scaled to a session announced shorter than 60 minutes.
+    rollover_after: float | None = None
+
+    def upstream_headers(self) -> dict[str, str]:
+        """
+        The upstream WebSocket upgrade's authentication header: ``Authorization: Bearer <key>`` for OpenAI;
+        for Azure OpenAI, ``api-key: <key>`` or, with an Entra token file, ``Authorization: Bearer <token>``.
+        An unreadable or empty token file gives no header (the upstream then refuses: UPSTREAM_AUTH_FAILED).
+        """
+        return upstream_auth_headers(self)
 
     def model_allowed(self, name: str) -> bool:
         """Whether a client's Settings may choose the realtime model ``name``."""
@@ -415,6 +429,15 @@ def build_config(
             "OPENAI_PROXY_CLIENT_TOKENS)"
         )
 
+    simulator_expire_after, simulator_drops = _simulator_faults(options, simulator)
+
+    rollover_raw = pick("rollover-after", "OPENAI_PROXY_ROLLOVER_AFTER")
+    rollover_after: float | None = None
+    if rollover_raw is not None:
+        rollover_after = _positive_number(rollover_raw, "--rollover-after")
+        if not math.isfinite(rollover_after):
+            raise ConfigError(f"--rollover-after: must be finite, got {rollover_raw!r}")
+
     return Config(
         api_key=api_key,
         listen=listen,
@@ -435,6 +458,9 @@ def build_config(
         allowed_origins=allowed_origins,
         metrics_listen=metrics_listen,
         metrics_require_token=metrics_require_token,
+        simulator_expire_after=simulator_expire_after,
+        simulator_drops=simulator_drops,
+        rollover_after=rollover_after,
     )
 
 
@@ -481,4 +507,31 @@ def _upstream_kind(
             raise ConfigError("--azure-ad-token-file: only used with --upstream-kind azure")
         _read_secret_file(token_file, "--azure-ad-token-file")
     return kind, token_file or None
+
+
+def _simulator_faults(options: Mapping[str, Any], simulator: bool) -> tuple[float, tuple[DropRule, ...]]:
+    """``--simulator-expire-after`` and ``--simulator-drop``: only meaningful with ``--simulator``."""
+    expire_raw = options.get("simulator-expire-after")
+    drop_specs = list(options.get("simulator-drop") or ())
+    if expire_raw in (None, "") and not drop_specs:
+        return 3600.0, ()
+    if not simulator:
+        name = "--simulator-drop" if drop_specs else "--simulator-expire-after"
+        raise ConfigError(f"{name}: only with --simulator")
+    expire_after = 3600.0
+    if expire_raw not in (None, ""):
+        expire_after = _positive_number(expire_raw, "--simulator-expire-after")
+        if not math.isfinite(expire_after):
+            raise ConfigError(f"--simulator-expire-after: must be finite, got {expire_raw!r}")
+    try:
+        from openai_proxy.simulator.faults import FaultSpecError, parse_drop_rule
+    except ImportError as e:
+        raise ConfigError(f"--simulator-drop: the simulator is not installed: {e}") from None
+    drops = []
+    for spec in drop_specs:
+        try:
+            drops.append(parse_drop_rule(spec))
+        except FaultSpecError as e:
+            raise ConfigError(f"--simulator-drop: {spec!r}: {e}") from None
+    return expire_after, tuple(drops)
 

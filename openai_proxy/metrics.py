@@ -260,6 +260,13 @@ class Metrics:
         self.reconnects = meter.create_counter(
             "openai_proxy.upstream.reconnects", unit="{reconnect}",
             description="Upstream reconnections after a drop.")
+        self.replayed_items = meter.create_counter(
+            "openai_proxy.upstream.replayed_items", unit="{item}",
+            description="Conversation items replayed into new upstream sessions (SPEC §8).")
+        self.switch_duration = meter.create_histogram(
+            "openai_proxy.upstream.switch.duration", unit="s",
+            description="Time from opening a new upstream session to switching over to it.",
+            explicit_bucket_boundaries_advisory=_TURN_BUCKETS)
         self.reloads = meter.create_counter(
             "openai_proxy.reloads", unit="{reload}", description="Configuration reloads (SIGHUP) by outcome.")
         # Present (at 0) from the start, so that dashboards and alerts see them before the first event.
@@ -325,6 +332,29 @@ class Metrics:
 
     def upstream_message(self, event: dict[str, Any]) -> None:
         self.upstream_out[bounded(event.get("type"), UPSTREAM_CLIENT_EVENT_TYPES)] += 1
+
+    #: Session continuity counts (``Session.stats`` names) → (instrument, its ``outcome``).
+    _CONTINUITY = {
+        "rollovers": ("rollovers", "completed"),
+        "rollovers_forced": ("rollovers", "forced"),
+        "rollovers_failed": ("rollovers", "failed"),
+        "reconnects": ("reconnects", "reconnected"),
+        "reconnects_failed": ("reconnects", "gave_up"),
+    }
+
+    def continuity(self, name: str, amount: int = 1) -> None:
+        """
+        One of a session's continuity counts (SPEC §8): rollovers and reconnects by ``outcome``
+        (``forced`` counts rollovers forced at the hard deadline, which also count as ``completed``
+        once they complete), replayed items, and ``switch_ms`` (a switch's duration, in ms).
+        """
+        if name == "replayed_items":
+            self.replayed_items.add(amount)
+        elif name == "switch_ms":
+            self.switch_duration.record(amount / 1000.0)
+        elif name in self._CONTINUITY:
+            instrument, outcome = self._CONTINUITY[name]
+            getattr(self, instrument).add(amount, {"outcome": outcome})
 
     def upstream_error(self, code: Any) -> None:
         self.upstream_errors.add(1, {"code": bounded(code, KNOWN_CODES)})

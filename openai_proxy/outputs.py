@@ -34,16 +34,41 @@ class SendClientAudio:
 
 @dataclass(frozen=True)
 class ConnectUpstream:
-    """Open the upstream WebSocket for ``model``."""
+    """Open an upstream WebSocket for ``model``.
+
+    ``generation`` tags the connection: 0 is the session's first; a later one is a candidate that
+    replaces the current connection on :class:`SwapUpstream` (a rollover or a reconnection, SPEC §8).
+    Every input from a connection carries its generation back to the session.
+    """
 
     model: str
+    generation: int = 0
 
 
 @dataclass(frozen=True)
 class SendUpstream:
-    """A GA client event for the upstream (the caller holds it until the upstream is open)."""
+    """A GA client event for the upstream (the caller holds it until the upstream is open).
+
+    ``generation``: the connection it is for; ``None``, the current one.
+    """
 
     event: dict[str, Any]
+    generation: int | None = None
+
+
+@dataclass(frozen=True)
+class SwapUpstream:
+    """Make the connection ``generation`` the current one and close the previous one, in one step."""
+
+    generation: int
+
+
+@dataclass(frozen=True)
+class Count:
+    """Add ``amount`` to the daemon-wide counter ``name`` (rollovers, reconnects, replayed items...)."""
+
+    name: str
+    amount: int = 1
 
 
 @dataclass(frozen=True)
@@ -67,6 +92,12 @@ class TimerKind(enum.Enum):
     RESPONSE_WATCHDOG = "response-watchdog"
     #: A ``session.update`` waits for its answer (``response_timeout``).
     UPDATE_WATCHDOG = "update-watchdog"
+    #: The upstream session's next rollover deadline (soft, then hard; SPEC §8).
+    ROLLOVER = "rollover"
+    #: The wait before the next reconnection attempt (backoff).
+    RECONNECT = "reconnect"
+    #: A switch to a new upstream session must be ready by then.
+    SWITCH_TIMEOUT = "switch-timeout"
 
 
 @dataclass(frozen=True)
@@ -98,7 +129,9 @@ class CloseClient:
 
 @dataclass(frozen=True)
 class CloseUpstream:
-    pass
+    """Close an upstream connection: ``generation``, or every one when ``None``."""
+
+    generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +153,8 @@ Output = (
     | CancelTimer
     | CloseClient
     | CloseUpstream
+    | SwapUpstream
+    | Count
     | Log
 )
 
@@ -137,6 +172,8 @@ class Emitter:
         self._out: list[Output] = []
         self._seq = 0
         self.timers: set[Hashable] = set()
+        #: While not ``None``, upstream events are kept here instead of sent (during a switch).
+        self.held_upstream: list[dict[str, Any]] | None = None
 
     def flush(self) -> list[Output]:
         out, self._out = self._out, []
@@ -156,7 +193,14 @@ class Emitter:
         self._out.append(SendClientAudio(data))
 
     def upstream(self, event: dict[str, Any]) -> None:
-        self._out.append(SendUpstream(event))
+        if self.held_upstream is not None:
+            self.held_upstream.append(event)
+        else:
+            self._out.append(SendUpstream(event))
+
+    def upstream_to(self, generation: int, event: dict[str, Any]) -> None:
+        """An event for the connection ``generation`` (never held)."""
+        self._out.append(SendUpstream(event, generation))
 
     def log(self, level: str, fmt: str, **fields: Any) -> None:
         self._out.append(Log(level, fmt, fields))

@@ -11,6 +11,10 @@ inputs and carry out the session's outputs.
   session after as long (``UPSTREAM_TIMEOUT``).
 - Every ``Error`` / ``Warning`` text and close reason leaving for a client is scrubbed of secrets, and the
   log records a client can cause at will are rate-limited per session.
+- Continuity (SPEC §8): a client has a current link and, while the session moves the conversation to a
+  new upstream session, a candidate link; links are numbered (``generation``) and what a link that is
+  neither reports is dropped. ``SwapUpstream`` makes the candidate current in one reactor turn: the
+  backpressure watch moves to it and the old link is closed.
 """
 
 from __future__ import annotations
@@ -139,6 +143,14 @@ class _Flow:
         # Under twisted.web the taken-over transport still has the HTTP channel registered as its producer.
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()
+        previous = self._transports.get(leg)
+        if previous is not None and previous is not transport:
+            # A new connection takes the leg over (an upstream switch): it starts neither paused nor
+            # backed up, and the previous one's stall timer goes.
+            self._paused[leg] = False
+            if self._backed_up[leg]:
+                self._backed_up[leg] = False
+                self._cancel_stall(leg)
         self._transports[leg] = transport
         transport.registerProducer(_WriteWatch(self, leg), True)
         self._apply()
@@ -461,12 +473,16 @@ class UpstreamLink:
     ``send`` never blocks: before the socket is open events wait (in order, bounded) on the gate; the gate's
     Deferred fires in ``onOpen`` (Autobahn's own ``open()`` never fires when the upgrade is refused, so the
     link keeps its own) and errbacks when the socket closes without having opened.
+
+    ``generation`` numbers the links of one client (``ConnectUpstream.generation``): the owner routes
+    what a link reports by it, and ignores a link that is neither its current one nor its candidate.
     """
 
-    def __init__(self, owner: ClientProtocol) -> None:
+    def __init__(self, owner: ClientProtocol, generation: int = 0) -> None:
         #: The client's protocol, until the link is closed (then nothing here holds the session).
         self._owner: ClientProtocol | None = owner
         self._log_fields = owner.log_fields
+        self.generation = generation
         self._queue: deque[dict[str, Any]] = deque()
         self._protocol: UpstreamProtocol | None = None
         self._connector: Any = None
@@ -492,7 +508,7 @@ class UpstreamLink:
         self._timeout = None
         if self._protocol is None and not self._closed:
             self._closed = True
-            self._report(lambda session: session.upstream_timed_out())
+            self._report(lambda session: session.upstream_timed_out(self.generation))
             self.close()
 
     def _cancel_timeout(self) -> None:
@@ -513,7 +529,7 @@ class UpstreamLink:
         )
         if not self._closed:
             self._closed = True
-            self._report(lambda session: session.upstream_unreachable())
+            self._report(lambda session: session.upstream_unreachable(self.generation))
 
     def send(self, event: dict[str, Any]) -> None:
         if self._closed:
@@ -547,14 +563,27 @@ class UpstreamLink:
             protocol.dropConnection(abort=True)
             return
         self._protocol = protocol
-        if owner.flow is not None:
-            owner.flow.attach("upstream", protocol.transport)
-        owner.upstream_opened()
+        if owner.is_current(self):
+            self.glue()
+        owner.upstream_opened(self)
         self.gate.callback(protocol)
+
+    def glue(self) -> None:
+        """Make this link's socket the session's upstream leg for backpressure (:class:`_Flow`)."""
+        owner = self._owner
+        if (owner is not None and owner.flow is not None and self._protocol is not None
+                and self._protocol.transport is not None):
+            owner.flow.attach("upstream", self._protocol.transport)
+
+    def unglue(self) -> None:
+        """This link's socket stops taking part in backpressure (the next link's takes over)."""
+        transport: Any = self._protocol.transport if self._protocol is not None else None
+        if transport is not None and getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
 
     def event(self, event: dict[str, Any]) -> None:
         if not self._closed and self._owner is not None:
-            self._owner.upstream_event(event)
+            self._owner.upstream_event(self, event)
 
     def protocol_problem(self, description: str) -> None:
         _log.warn(
@@ -587,7 +616,7 @@ class UpstreamLink:
             return
         self._closed = True
         if self._owner is not None:
-            self._owner.upstream_closed(s.UpstreamClosure(
+            self._owner.upstream_closed(self, s.UpstreamClosure(
                 was_open=was_open,
                 close_code=code,
                 http_status=status,
@@ -596,11 +625,11 @@ class UpstreamLink:
 
     def _notify_failed(self, code: str, description: str) -> None:
         if self._owner is not None:
-            self._owner.upstream_failed(code, description)
+            self._owner.upstream_failed(self, code, description)
 
     def _report(self, report: Callable[[s.Session], list[s.Output]]) -> None:
         if self._owner is not None:
-            self._owner.upstream_report(report)
+            self._owner.upstream_report(self, report)
 
     def _fail(self, code: str, description: str) -> None:
         if not self._closed:
@@ -682,9 +711,13 @@ class UpstreamConnector:
         factory = _UpstreamFactory(link, url, headers=headers, reactor=self.reactor)
         # One factory per session: its "Starting factory" / "Stopping factory" lines are noise.
         factory.noisy = False
+        ping = self.config.limits.upstream_ping_interval
         factory.setProtocolOptions(
             # The link's own timer (same limit, started earlier) reports UPSTREAM_TIMEOUT first.
             openHandshakeTimeout=self.config.limits.handshake_timeout * 2,
+            # An upstream that stops answering pings (a dead path) is dropped, then reconnected.
+            autoPingInterval=ping or 0,
+            autoPingTimeout=ping * 2 if ping else 0,
             # No Autobahn close-handshake timer: UpstreamLink.close aborts a slow upstream itself after 1 s,
             # with a timer it cancels when the socket closes (Autobahn's batched timers outlive a cancel).
             closeHandshakeTimeout=0,
@@ -765,7 +798,9 @@ class ClientProtocol(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc
         self.session: s.Session | None = None
         self.request_id = ""
         self.trace_id: str | None = None
+        #: The upstream link the session talks to, and the one being set up to replace it (SPEC §8).
         self._upstream: UpstreamLink | None = None
+        self._candidate: UpstreamLink | None = None
         self._timers: dict[Hashable, Any] = {}
         self._function_calls: set[defer.Deferred[str]] = set()
         self._gone = False
@@ -799,9 +834,9 @@ class ClientProtocol(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc
         if self._stall_abort is not None and self._stall_abort.active():
             self._stall_abort.cancel()
         self._stall_abort = None
-        if self._upstream is not None:
-            self._upstream.close()
-            self._upstream = None
+        self._close_links()
+        self._upstream = None
+        self._candidate = None
 
     def onMessageFrameBegin(self, length: int) -> None:
         # The message size limit applies to what clients send; Autobahn's own option would also refuse
@@ -935,8 +970,7 @@ class ClientProtocol(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc
         self._timers.clear()
         for call in list(self._function_calls):
             call.cancel()
-        if self._upstream is not None:
-            self._upstream.close()
+        self._close_links()
         self._summarise_faults()
         self.factory.registry.remove(self)
 
@@ -960,7 +994,8 @@ class ClientProtocol(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc
                 seconds=self.factory.config.limits.client_stall_timeout,
                 **self.log_fields,
             )
-            self.upstream_failed(errors.UPSTREAM_TIMEOUT, "the upstream stopped reading")
+            if self._upstream is not None:
+                self.upstream_failed(self._upstream, errors.UPSTREAM_TIMEOUT, "the upstream stopped reading")
 
     def _not_reading(self) -> None:
         """The client left the daemon's output unread for ``client_stall_timeout``: drop it."""
@@ -988,46 +1023,101 @@ class ClientProtocol(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc
         """The fields every log record of this session carries."""
         return {"connection_id": self.request_id, "trace_id": self.trace_id}
 
-    # -- inputs from the upstream link ------------------------------------------------------------
+    # -- inputs from the upstream links ------------------------------------------------------------
 
-    def upstream_opened(self) -> None:
-        if self.session is not None:
-            self._carry_out(self.session.upstream_opened())
+    def is_current(self, link: UpstreamLink) -> bool:
+        return link is self._upstream
 
-    def upstream_event(self, event: dict[str, Any]) -> None:
-        if self.session is None:
+    def _live(self, link: UpstreamLink) -> bool:
+        # A link that is neither current nor candidate is stale: what it reports is dropped.
+        return self.session is not None and (link is self._upstream or link is self._candidate)
+
+    def upstream_opened(self, link: UpstreamLink) -> None:
+        if self._live(link):
+            assert self.session is not None
+            self._carry_out(self.session.upstream_opened(link.generation))
+
+    def upstream_event(self, link: UpstreamLink, event: dict[str, Any]) -> None:
+        if not self._live(link):
             return
+        assert self.session is not None
         if self.factory.debug:
             self.log_message("upstream->daemon", event)
         meter = self._meter
         meter.upstream_event(event, self.factory.reactor.seconds)
         meter.events_in += 1
         # (The session logs upstream error events at the default level.)
+        generation = link.generation
         try:
             if meter.events_in % SAMPLE_EVERY:
-                self._carry_out(self.session.upstream_event(event))
+                self._carry_out(self.session.upstream_event(event, generation))
             else:
-                meter.time("upstream_to_client", self._upstream_event, event)
+                meter.time("upstream_to_client", self._upstream_event, event, generation)
         except Exception:
             self._internal_error()
 
-    def _upstream_event(self, event: dict[str, Any]) -> None:
+    def _upstream_event(self, event: dict[str, Any], generation: int) -> None:
         assert self.session is not None
-        self._carry_out(self.session.upstream_event(event))
+        self._carry_out(self.session.upstream_event(event, generation))
 
-    def upstream_failed(self, code: str, description: str) -> None:
-        self.factory.registry.metrics.upstream_error(code)
-        if self.session is not None:
-            self._carry_out(self.session.upstream_failed(code, description))
+    def upstream_failed(self, link: UpstreamLink, code: str, description: str) -> None:
+        if self._live(link):
+            assert self.session is not None
+            self.factory.registry.metrics.upstream_error(code)
+            self._carry_out(self.session.upstream_failed(code, description, link.generation))
 
-    def upstream_closed(self, closure: s.UpstreamClosure) -> None:
-        if self.session is not None:
-            self._carry_out(self.session.upstream_closed(closure))
+    def upstream_closed(self, link: UpstreamLink, closure: s.UpstreamClosure) -> None:
+        if self._live(link):
+            assert self.session is not None
+            self._carry_out(self.session.upstream_closed(closure, link.generation))
 
-    def upstream_report(self, report: Callable[[s.Session], list[s.Output]]) -> None:
+    def upstream_report(
+        self, link: UpstreamLink, report: Callable[[s.Session], list[s.Output]]
+    ) -> None:
         """Hand one fact about the upstream to the session (it decides what the client hears)."""
-        if self.session is not None:
+        if self._live(link):
+            assert self.session is not None
             self._carry_out(report(self.session))
+
+    def _link(self, generation: int | None) -> UpstreamLink | None:
+        if generation is None:
+            return self._upstream
+        for link in (self._upstream, self._candidate):
+            if link is not None and link.generation == generation:
+                return link
+        return None
+
+    def _connect(self, model: str, generation: int) -> None:
+        link = UpstreamLink(self, generation)
+        if self._upstream is None:
+            self._upstream = link
+        else:
+            if self._candidate is not None:
+                self._candidate.close()
+            self._candidate = link
+        link.connect(self.factory.connector, model)
+
+    def _swap(self, generation: int) -> None:
+        """The candidate becomes the current link in this reactor turn: backpressure moves to it and
+        the old link is closed."""
+        new = self._candidate
+        if new is None or new.generation != generation:
+            return
+        old, self._upstream, self._candidate = self._upstream, new, None
+        if old is not None:
+            old.unglue()
+            old.close()
+        # The flow forgets the old socket's backed-up output and decides again whether the client's
+        # reading stays paused.
+        new.glue()
+
+    def _close_links(self, generation: int | None = None) -> None:
+        for link in (self._upstream, self._candidate):
+            if link is not None and (generation is None or link.generation == generation):
+                link.close()
+        if generation is not None and self._candidate is not None \
+                and self._candidate.generation == generation:
+            self._candidate = None
 
     # -- outputs ----------------------------------------------------------------------------------
 
@@ -1056,11 +1146,15 @@ class ClientProtocol(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc
                 if self.state == self.STATE_OPEN:
                     self.sendMessage(output.data, isBinary=True)
             elif isinstance(output, s.SendUpstream):
-                if self._upstream is not None:
-                    self._upstream.send(output.event)
+                link = self._link(output.generation)
+                if link is not None:
+                    link.send(output.event)
             elif isinstance(output, s.ConnectUpstream):
-                self._upstream = UpstreamLink(self)
-                self._upstream.connect(self.factory.connector, output.model)
+                self._connect(output.model, output.generation)
+            elif isinstance(output, s.SwapUpstream):
+                self._swap(output.generation)
+            elif isinstance(output, s.Count):
+                self.factory.registry.count_continuity(output.name, output.amount)
             elif isinstance(output, s.CallFunction):
                 self._call_function(output)
             elif isinstance(output, s.StartTimer):
@@ -1072,11 +1166,9 @@ class ClientProtocol(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc
             elif isinstance(output, s.CloseClient):
                 if not self._gone:
                     self.close_with(output.code, output.reason)
-                if self._upstream is not None:
-                    self._upstream.close()
+                self._close_links()
             elif isinstance(output, s.CloseUpstream):
-                if self._upstream is not None:
-                    self._upstream.close()
+                self._close_links(output.generation)
             elif isinstance(output, s.Log):
                 if "error_code" in output.fields and self._faults is not None:
                     # Records a peer can cause at will (its errors) are rate-limited per session.
@@ -1159,6 +1251,10 @@ class SessionRegistry(Service):
         self.sessions_total = 0
         #: ``Error`` / ``Warning`` messages sent to clients, by (type, code).
         self.client_errors: Counter[tuple[str, str]] = Counter()
+        #: Moves of conversations to new upstream sessions (SPEC §8), summed over every session:
+        #: ``rollovers``, ``rollovers_forced``, ``rollovers_failed``, ``reconnects``, ``reconnects_failed``,
+        #: ``replayed_items``, ``switch_ms`` (total duration of completed switches).
+        self.continuity: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -1177,6 +1273,11 @@ class SessionRegistry(Service):
     def record_handshake(self, status: int | None) -> None:
         """Count an opening handshake: ``None`` when accepted, else the HTTP status it was refused with."""
         self.metrics.handshake(status)
+
+    def count_continuity(self, name: str, amount: int = 1) -> None:
+        """Add to one of :attr:`continuity`'s counters, and to the metrics."""
+        self.continuity[name] += amount
+        self.metrics.continuity(name, amount)
 
     def remove(self, protocol: ClientProtocol) -> None:
         self._sessions.discard(protocol)
@@ -1248,6 +1349,7 @@ class ClientFactory(WebSocketServerFactory):
             audio_buffer_seconds=config.limits.audio_buffer_seconds,
             function_call_timeout=config.limits.function_call_timeout,
             function_url_prefixes=config.function_url_prefixes,
+            rollover_after=config.rollover_after,
         )
         limits = config.limits
         self.setProtocolOptions(

@@ -216,6 +216,21 @@ class Scheduler:
         self._in_flight, self._in_flight_event = None, None
         return self._fire(Trigger.TIMED_OUT)
 
+    def upstream_lost(self) -> str | None:
+        """The upstream session is gone (a drop, or a switch to a new one): whatever was requested,
+        active or cancelling there is over. A request that had not started yet is made again in the
+        next session. Returns the id of the response that was cut, if any."""
+        cut = self.active_id
+        request, self._in_flight, self._in_flight_event = self._in_flight, None, None
+        if request is not None and self.state is ResponseState.REQUESTED:
+            self.waiting.appendleft(request)
+            cut = None
+        self.state = ResponseState.IDLE
+        self.active_id = None
+        self._open = []
+        self._emit.cancel_timer(WATCHDOG)
+        return cut
+
     # -- the queue ----------------------------------------------------------------------------------
 
     def add(self, request: ResponseRequest) -> bool:

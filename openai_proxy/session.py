@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import random
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +35,21 @@ from openai_proxy.audio import (
     bytes_per_ms,
     sample_bytes,
 )
+from openai_proxy.continuity import (
+    BackoffPolicy,
+    ConversationRecord,
+    Decision,
+    Failure,
+    HeldAudio,
+    Reconnection,
+    RecordError,
+    RolloverAction,
+    RolloverSchedule,
+    Switch,
+    SwitchPhase,
+    SwitchReason,
+    classify_failure,
+)
 from openai_proxy.endpoint import Endpoint
 from openai_proxy.function_calls import CallRound, FunctionCalls
 from openai_proxy.outputs import (  # noqa: F401  (re-exported: callers use session.<Output>)
@@ -42,6 +58,7 @@ from openai_proxy.outputs import (  # noqa: F401  (re-exported: callers use sess
     CloseClient,
     CloseUpstream,
     ConnectUpstream,
+    Count,
     Emitter,
     Log,
     Output,
@@ -49,6 +66,7 @@ from openai_proxy.outputs import (  # noqa: F401  (re-exported: callers use sess
     SendClientAudio,
     SendUpstream,
     StartTimer,
+    SwapUpstream,
     TimerKey,
     TimerKind,
 )
@@ -74,6 +92,16 @@ from openai_proxy.translate.settings import (
 
 APPEND_FLUSH_TIMER = TimerKey(TimerKind.APPEND_FLUSH)
 UPDATE_WATCHDOG = TimerKey(TimerKind.UPDATE_WATCHDOG)
+ROLLOVER_TIMER = TimerKey(TimerKind.ROLLOVER)
+RECONNECT_TIMER = TimerKey(TimerKind.RECONNECT)
+SWITCH_TIMER = TimerKey(TimerKind.SWITCH_TIMEOUT)
+#: After a rollover that failed while the current upstream session lives, the wait before the next try.
+ROLLOVER_RETRY_SECONDS = 2.0
+#: While a rollover waits for a quiet moment, how often the session looks again (the end of the agent's
+#: playback is no event of its own).
+QUIET_POLL_SECONDS = 0.5
+#: Upstream events the session may hold during a switch (beyond it the newest are dropped, logged).
+MAX_HELD_EVENTS = 256
 #: How long a partial append batch may wait for more audio.
 APPEND_FLUSH_SECONDS = 0.04
 #: Client requests that may wait for the session or for the active response to end.
@@ -98,6 +126,13 @@ class SessionOptions:
     function_url_prefixes: tuple[str, ...] = ()
     #: Longest the upstream may stay quiet while a response or a session.update waits on it (s).
     response_timeout: float = 15.0
+    #: Seconds after ``session.created`` from which a rollover waits for a quiet moment (SPEC §8).
+    #: ``None``: 55 minutes, scaled down for a session that announces a life shorter than 60 minutes.
+    rollover_after: float | None = None
+    #: Reconnection attempts after an unexpected drop.
+    backoff: BackoffPolicy = BackoffPolicy()
+    #: A float in [0, 1) per call: the jitter of the backoff.
+    random: Callable[[], float] = random.random
 
 
 @dataclass(frozen=True)
@@ -217,10 +252,36 @@ class Session:
         self._turn_end: float | None = None
         self._first_text_at: float | None = None
         self._texted_items: set[str] = set()
+        # continuity (SPEC §8): upstream connections are numbered; the current one and a candidate
+        self._record = ConversationRecord()
+        #: conversation.item.create events not confirmed yet, by item id (resent after a drop).
+        self._unconfirmed: dict[str, dict[str, Any]] = {}
+        #: Agent text received so far, per item, until the item's text is done.
+        self._partial_text: dict[str, list[str]] = {}
+        self._generation = 0
+        self._next_generation = 1
+        self._ever_open = False
+        self._expired = False
+        self._schedule: RolloverSchedule | None = None
+        self._rollover_due = False
+        self._switch: Switch | None = None
+        self._switch_gen: int | None = None
+        self._switch_plan: SessionPlan | None = None
+        self._switch_update_id: str | None = None
+        self._switch_expires: float | None = None
+        #: Set while the current upstream connection is lost and being replaced.
+        self._reconnection: Reconnection | None = None
+        self._held_input: HeldAudio | None = None
+        #: Completed rollovers and reconnections, failed ones, items replayed (also as ``Count``).
+        self.stats: dict[str, int] = {}
 
     # -- helpers ------------------------------------------------------------------------------------
 
     def _flush(self) -> list[Output]:
+        if (self._rollover_due and not self._switching and self.phase is Phase.READY
+                and self._quiet()):
+            self._rollover_due = False
+            self._begin_switch(SwitchReason.ROLLOVER)
         return self._emit.flush()
 
     def _next_id(self, prefix: str) -> str:
@@ -275,35 +336,407 @@ class Session:
                 self._emit.emit(CloseUpstream())
         return self._flush()
 
-    def upstream_opened(self) -> list[Output]:
-        self._upstream_open = True
-        self._log("debug", "upstream open")
+    def upstream_opened(self, generation: int = 0) -> list[Output]:
+        """The upstream connection ``generation`` (see ``ConnectUpstream``) is open."""
+        if self.phase is Phase.CLOSED:
+            return self._flush()
+        if generation == self._switch_gen:
+            self._switch_opened()
+        elif generation == self._generation:
+            self._upstream_open = True
+            self._ever_open = True
+            self._log("debug", "upstream open")
         return self._flush()
 
-    def upstream_failed(self, code: str, description: str) -> list[Output]:
+    def upstream_failed(self, code: str, description: str, generation: int = 0) -> list[Output]:
         """
         The upstream could not be reached in time, or the daemon gave up on it.  ``code`` is one of the
-        UPSTREAM_* codes of :mod:`openai_proxy.errors`.  The client gets an Error and then a close.
+        UPSTREAM_* codes of :mod:`openai_proxy.errors`.  The client gets an Error and then a close
+        (unless the connection was a candidate for a switch: then the switch failed).
         """
         if self.phase is Phase.CLOSED:
             return self._flush()
+        if generation == self._switch_gen:
+            self._switch_failed(description, Decision(True, code, description))
+            return self._flush()
+        if generation != self._generation:
+            return self._flush()
+        self._give_up(code, description)
+        return self._flush()
+
+    def _give_up(self, code: str, description: str) -> None:
+        if self._reconnection is not None or self._switch is not None:
+            self._count("reconnects_failed" if self._reconnection is not None else "rollovers_failed")
+        if self._switch_gen is not None:
+            self._emit.emit(CloseUpstream(self._switch_gen))
+        self._switch = None
+        self._switch_gen = None
+        self._reconnection = None
+        self._emit.held_upstream = None
+        self._held_input = None
         self._error(code, description)
         self.phase = Phase.CLOSED
         self._emit.cancel_all_timers()
         self._emit.emit(CloseClient(1011, description[:120]))
-        return self._flush()
 
-    def upstream_unreachable(self) -> list[Output]:
+    def upstream_unreachable(self, generation: int = 0) -> list[Output]:
         """The upstream's address could not be connected to (DNS, refused, unreachable)."""
-        return self.upstream_failed(errors.UPSTREAM_UNAVAILABLE, "the upstream could not be reached")
+        return self.upstream_failed(errors.UPSTREAM_UNAVAILABLE, "the upstream could not be reached",
+                                    generation)
 
-    def upstream_timed_out(self) -> list[Output]:
+    def upstream_timed_out(self, generation: int = 0) -> list[Output]:
         """The upstream's handshake did not complete within the handshake timeout."""
-        return self.upstream_failed(errors.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
+        return self.upstream_failed(errors.UPSTREAM_TIMEOUT, "the upstream did not answer in time",
+                                    generation)
 
-    def upstream_closed(self, closure: UpstreamClosure) -> list[Output]:
-        """The upstream connection ended (see :func:`upstream_closure_error` for what the client hears)."""
-        return self.upstream_failed(*upstream_closure_error(closure))
+    def upstream_closed(self, closure: UpstreamClosure, generation: int = 0) -> list[Output]:
+        """The upstream connection ``generation`` ended.
+
+        The current one, once it had opened, is reconnected when the failure is worth it
+        (:func:`~openai_proxy.continuity.classify_failure`, SPEC §8); otherwise, and for a first
+        connection that never opened, the client hears :func:`upstream_closure_error` and a close.
+        A candidate's end fails its switch.
+        """
+        if self.phase is Phase.CLOSED:
+            return self._flush()
+        decision = self._classify(closure)
+        if generation == self._switch_gen:
+            self._switch_failed(decision.reason, decision)
+            return self._flush()
+        if generation != self._generation:
+            return self._flush()
+        if self._reconnection is not None:
+            return self._flush()
+        if (decision.retry and closure.was_open and self.plan is not None
+                and self.phase in (Phase.CONFIGURING, Phase.READY)):
+            self._connection_lost(decision.reason)
+            return self._flush()
+        return self.upstream_failed(*upstream_closure_error(closure), generation=generation)
+
+    def _classify(self, closure: UpstreamClosure) -> Decision:
+        if closure.was_open:
+            if self._expired:
+                return classify_failure(Failure.SESSION_EXPIRED)
+            if closure.close_code in (None, 1005, 1006):
+                return classify_failure(Failure.CONNECTION_LOST)
+            return classify_failure(Failure.CLOSED, close_code=closure.close_code)
+        if closure.tls_failed:
+            return classify_failure(Failure.TLS_FAILED)
+        if closure.http_status is not None:
+            return classify_failure(Failure.REFUSED, http_status=closure.http_status)
+        return classify_failure(Failure.UNREACHABLE)
+
+    # -- continuity (SPEC §8) ---------------------------------------------------------------------------
+
+    @property
+    def _switching(self) -> bool:
+        """Whether the conversation is moving to a new upstream session (a switch, or a lost
+        connection waiting for its next attempt)."""
+        return self._switch is not None or self._reconnection is not None
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        self.stats[name] = self.stats.get(name, 0) + amount
+        self._emit.emit(Count(name, amount))
+
+    def _quiet(self) -> bool:
+        """No response active or waiting, the user not speaking, no function call or update
+        outstanding, no agent audio still playing (SPEC §8's quiet moment)."""
+        scheduler = self._scheduler
+        return (self.phase is Phase.READY and not scheduler.busy and not scheduler.waiting
+                and not scheduler.awaiting_items and not self._user_speaking
+                and not self._calls.rounds and not self._in_flight_updates
+                and not self._queued_updates
+                and not (self._replies is not None and self._replies.playing))
+
+    def _on_session_created(self, event: up.SessionCreated) -> None:
+        self._expired = False
+        self._schedule_rollover(event.expires_at)
+
+    def _schedule_rollover(self, expires_at: float | None) -> None:
+        now = self._now()
+        schedule = RolloverSchedule.for_session(now, created_at_wall=now, expires_at=expires_at)
+        if self.options.rollover_after is not None:
+            schedule = replace(schedule, rollover_after=self.options.rollover_after)
+        self._schedule = schedule
+        self._rollover_due = False
+        self._arm_rollover()
+
+    def _arm_rollover(self) -> None:
+        if self._schedule is None:
+            return
+        delay = self._schedule.next_check(self._now())
+        if delay is not None:
+            self._start_timer(ROLLOVER_TIMER, delay)
+
+    def _rollover_timer_fired(self) -> None:
+        if self._schedule is None or self._switching:
+            return
+        if self.phase is not Phase.READY:
+            self._arm_rollover()
+            return
+        action = self._schedule.action(self._now(), quiet=self._quiet())
+        if action is RolloverAction.START:
+            self._begin_switch(SwitchReason.ROLLOVER)
+        elif action is RolloverAction.WAIT_FOR_QUIET:
+            self._rollover_due = True
+            until_forced = self._schedule.hard_deadline - self._now()
+            self._start_timer(ROLLOVER_TIMER, max(0.0, min(QUIET_POLL_SECONDS, until_forced)))
+        elif action is RolloverAction.FORCE:
+            self._log("warn", "no quiet moment before the upstream session's hard deadline; "
+                      "rolling over now")
+            self._cut_reply(cancel=True)
+            self._count("rollovers_forced")
+            self._begin_switch(SwitchReason.FORCED_ROLLOVER)
+        else:
+            self._arm_rollover()
+
+    def _cut_reply(self, *, cancel: bool) -> None:
+        """End the agent's reply as a barge-in does: ``AgentAudioDone`` for audio that was streaming
+        and the text received so far as ``ConversationText``. ``cancel``: the upstream still lives and
+        is asked to cancel; otherwise the response is over with its upstream session."""
+        replies = self._replies
+        if replies is not None and replies.current() is not None:
+            replies.finish_item()
+        response_id = self._scheduler.active_id or (replies.response_id if replies is not None else None)
+        for item_id, parts in list(self._partial_text.items()):
+            self._assistant_text(response_id or "", item_id, "".join(parts))
+        self._partial_text.clear()
+        if replies is not None and (replies.items or replies.announced) or cancel:
+            self._interrupt_reply(cancel=cancel)
+
+    def _forget_upstream_session(self) -> None:
+        """The upstream session the conversation was in is gone: what was in progress there is over."""
+        cut = self._scheduler.upstream_lost()
+        if cut is not None:
+            self._response_ended(cut)
+            round_ = self._calls.rounds.get(cut)
+            if round_ is not None:
+                round_.response_ended = True
+                self._cancel_timer(round_.timer)
+                self._maybe_follow_up(round_)
+        self._user_speaking = False
+        self._partial_text.clear()
+
+    def _hold(self) -> None:
+        """From now on upstream events and client audio wait for the new upstream session."""
+        if self._batcher is not None and self._emit.held_upstream is None:
+            chunk = self._batcher.flush()
+            if chunk:
+                self._append(chunk)
+        self._cancel_timer(APPEND_FLUSH_TIMER)
+        if self._emit.held_upstream is None:
+            self._emit.held_upstream = []
+        if self._held_input is None and self.plan is not None:
+            fmt = self.plan.input_format
+            frame = 2 if fmt.encoding == "linear16" else 1
+            limit = int(fmt.sample_rate * frame * self.options.audio_buffer_seconds)
+            self._held_input = HeldAudio(max(limit, frame), frame)
+
+    def _release_hold(self) -> None:
+        """Send what was held to the (new) current upstream session, in order."""
+        held, self._emit.held_upstream = self._emit.held_upstream or [], None
+        if len(held) > MAX_HELD_EVENTS:
+            self._log("warn", "{count} upstream events were held during a switch; the newest beyond "
+                      "{limit} were dropped", count=len(held), limit=MAX_HELD_EVENTS)
+            del held[MAX_HELD_EVENTS:]
+        for event in held:
+            self._upstream(event)
+        audio, self._held_input = self._held_input, None
+        if audio is not None:
+            if audio.dropped_bytes:
+                self._warning(errors.AUDIO_BUFFER_OVERFLOW,
+                              f"{audio.dropped_bytes} bytes of audio sent while the upstream was "
+                              "being replaced exceeded the buffer and were dropped")
+            for chunk in audio.drain():
+                if self.phase is Phase.READY:
+                    self._feed_audio(chunk)
+                else:
+                    self._hold_audio(chunk)
+
+    def _connection_lost(self, reason: str) -> None:
+        """The current upstream connection failed in a way worth a reconnection."""
+        self._log("warn", "upstream connection lost ({reason}); reconnecting", reason=reason)
+        self._warning(errors.UPSTREAM_RECONNECTING,
+                      f"the connection to the upstream was lost ({reason}); reconnecting")
+        self._cut_reply(cancel=False)
+        self._forget_upstream_session()
+        self._hold()
+        self._cancel_timer(ROLLOVER_TIMER)
+        self._cancel_timer(UPDATE_WATCHDOG)
+        self._rollover_due = False
+        self._reconnection = Reconnection(self.options.backoff, self.options.random, self._now())
+        if self._switch is None:
+            self._next_attempt(reason)
+
+    def _next_attempt(self, reason: str) -> None:
+        assert self._reconnection is not None
+        delay = self._reconnection.next_delay(self._now())
+        if delay is None:
+            attempts = self._reconnection.attempts
+            self._give_up(errors.UPSTREAM_CLOSED,
+                          f"the upstream could not be reconnected after {attempts} attempts ({reason})")
+            return
+        self._start_timer(RECONNECT_TIMER, delay)
+
+    def _begin_switch(self, reason: SwitchReason) -> None:
+        assert self._connected_model is not None
+        gen = self._next_generation
+        self._next_generation += 1
+        self._switch = Switch(reason, self._now())
+        self._switch_gen = gen
+        self._switch_expires = None
+        self._switch_update_id = None
+        self._hold()
+        self._emit.emit(ConnectUpstream(self._connected_model, gen))
+        self._start_timer(SWITCH_TIMER, self._switch.timeout)
+        self._log("info", "upstream switch started ({switch_reason})", switch_reason=reason.value,
+                  generation=gen)
+
+    def _switch_opened(self) -> None:
+        assert self._switch is not None and self._switch_gen is not None
+        self._switch.opened()
+        plan = self._in_flight_updates[-1].plan if self._in_flight_updates else self.plan
+        assert plan is not None
+        self._switch_plan = plan
+        self._switch_update_id = self._next_id("switch")
+        self._emit.upstream_to(self._switch_gen, m.session_update(
+            self._switch_update_id,
+            session_config(plan, transcription_model=self.options.transcription_model)))
+
+    def _switch_event(self, event: dict[str, Any]) -> None:
+        switch, gen = self._switch, self._switch_gen
+        assert switch is not None and gen is not None
+        parsed = up.parse_upstream_event(event)
+        ready = False
+        if isinstance(parsed, up.SessionCreated):
+            self._switch_expires = parsed.expires_at
+        elif isinstance(parsed, up.SessionUpdated) and switch.phase is SwitchPhase.CONFIGURING:
+            replay = self._record.replay(lambda: self._next_id("replay"))
+            for replayed in replay.events:
+                self._emit.upstream_to(gen, replayed)
+            ready = switch.configured(replay)
+        elif isinstance(parsed, up.ItemAdded):
+            ready = switch.item_done(parsed.item_id)
+        elif isinstance(parsed, up.UpstreamError):
+            if parsed.caused_by is not None and parsed.caused_by == self._switch_update_id:
+                self._switch_failed(f"the new session refused the configuration ({parsed.code})",
+                                    Decision(False, parsed.code, parsed.message))
+                return
+            ready = switch.item_refused(parsed.caused_by) if parsed.caused_by else False
+            self._log("warn", "upstream error {error_code} during a switch: {upstream_message}",
+                      error_code=parsed.code, upstream_message=parsed.message,
+                      event_id=parsed.caused_by)
+        if ready:
+            self._swap()
+
+    def _switch_failed(self, reason: str, decision: Decision) -> None:
+        switch, gen = self._switch, self._switch_gen
+        if switch is None or gen is None:
+            return
+        switch.fail(reason)
+        self._log("warn", "upstream switch failed ({switch_reason}): {reason}",
+                  reason=reason, **switch.log_fields(self._now()))
+        self._emit.emit(CloseUpstream(gen))
+        self._cancel_timer(SWITCH_TIMER)
+        self._switch = None
+        self._switch_gen = None
+        if self._reconnection is not None:
+            if not decision.retry:
+                self._give_up(decision.code, decision.reason)
+            else:
+                self._next_attempt(reason)
+            return
+        # A rollover: the current session still serves; try again shortly (forced at the deadline).
+        self._count("rollovers_failed")
+        self._release_hold()
+        self._start_timer(ROLLOVER_TIMER, ROLLOVER_RETRY_SECONDS)
+
+    def _switch_timer_fired(self) -> None:
+        if self._switch is not None and self._switch.timed_out(self._now()):
+            reason = self._switch.failure or "timed out"
+            self._switch_failed(reason, Decision(True, errors.UPSTREAM_TIMEOUT, reason))
+
+    def _swap(self) -> None:
+        """The new upstream session has the configuration and the conversation: switch to it."""
+        switch, gen, plan = self._switch, self._switch_gen, self._switch_plan
+        assert switch is not None and gen is not None and plan is not None
+        fields = switch.log_fields(self._now())
+        self._emit.emit(SwapUpstream(gen))
+        self._cancel_timer(SWITCH_TIMER)
+        self._generation = gen
+        self._switch = None
+        self._switch_gen = None
+        reconnected = self._reconnection is not None
+        self._reconnection = None
+        self._forget_upstream_session()
+        self._log("info", "switched to a new upstream session ({switch_reason}) in {switch_ms} ms; "
+                  "replayed {replayed_items} items ({replayed_chars} characters), "
+                  "{dropped_entries} left out by the budget", **fields)
+        self._count("reconnects" if reconnected else "rollovers")
+        replayed, switch_ms = fields["replayed_items"], fields["switch_ms"]
+        assert isinstance(replayed, int) and isinstance(switch_ms, int)
+        self._count("replayed_items", replayed)
+        self._count("switch_ms", switch_ms)
+        if reconnected:
+            self._warning(errors.UPSTREAM_RECONNECTED,
+                          "the connection to the upstream is back; the conversation goes on")
+        self._schedule_rollover(self._switch_expires)
+        # Updates that were in flight are part of the configuration the new session confirmed.
+        pending = list(self._in_flight_updates)
+        self._in_flight_updates.clear()
+        self._cancel_timer(UPDATE_WATCHDOG)
+        configuring = self.phase is Phase.CONFIGURING
+        self.plan = plan
+        for update in pending:
+            if update.ack is not None and not (configuring and update.ack is Ack.SETTINGS_APPLIED):
+                self._client(m.simple(update.ack.value))
+        # Items the previous session never confirmed are not in the replay: they are sent again.
+        held = self._emit.held_upstream or []
+        held_items = {e.get("item", {}).get("id") for e in held
+                      if e.get("type") == "conversation.item.create"}
+        held[:0] = [e for item_id, e in self._unconfirmed.items() if item_id not in held_items]
+        if configuring:
+            self._emit.held_upstream = None
+            self._become_ready()
+            for event in held:
+                self._upstream(event)
+        else:
+            self._emit.held_upstream = held
+        self._release_hold()
+        self._pump()
+
+    def _record_item(self, event: dict[str, Any]) -> None:
+        """A conversation item the daemon created is confirmed: the record keeps it for replays."""
+        item = event.get("item")
+        if not isinstance(item, dict):
+            return
+        item_id = str(item.get("id"))
+        try:
+            if item.get("type") == "message":
+                content = item.get("content")
+                text = content[0].get("text") if isinstance(content, list) and content else None
+                if isinstance(text, str):
+                    if item.get("role") == "user":
+                        self._record.add_user_text(item_id, text)
+                    else:
+                        self._record.add_assistant_text(item_id, text)
+            elif item.get("type") == "function_call_output":
+                self._record.add_function_output(item_id, str(item.get("call_id")),
+                                                 str(item.get("output")))
+            elif item.get("type") == "function_call":
+                self._record.add_function_call(item_id, str(item.get("call_id")),
+                                               str(item.get("name")), str(item.get("arguments")))
+        except RecordError as e:
+            self._log("warn", "conversation record: {problem}", problem=str(e))
+
+    def _record_call(self, item_id: str, call_id: str | None, name: str | None,
+                     arguments: str | None) -> None:
+        if not item_id or not call_id or name is None:
+            return
+        try:
+            self._record.add_function_call(item_id, call_id, name, arguments or "")
+        except RecordError as e:
+            self._log("warn", "conversation record: {problem}", problem=str(e))
 
     def draining(self) -> list[Output]:
         """The daemon is shutting down: tell the client to reconnect elsewhere, then close with 1001."""
@@ -343,7 +776,15 @@ class Session:
                     self._response_ended(active)
                 self._pump()
         elif name.kind is TimerKind.UPDATE_WATCHDOG:
-            self._update_watchdog_fired()
+            if not self._switching:
+                self._update_watchdog_fired()
+        elif name.kind is TimerKind.ROLLOVER:
+            self._rollover_timer_fired()
+        elif name.kind is TimerKind.RECONNECT:
+            if self._reconnection is not None and self._switch is None:
+                self._begin_switch(SwitchReason.RECONNECT)
+        elif name.kind is TimerKind.SWITCH_TIMEOUT:
+            self._switch_timer_fired()
         return self._flush()
 
     # -- client input -------------------------------------------------------------------------------
@@ -364,7 +805,9 @@ class Session:
         """One binary frame (audio in the client's input encoding)."""
         if self.phase is Phase.CLOSED or not data:
             return self._flush()
-        if self.phase is Phase.READY:
+        if self.phase is Phase.READY and self._held_input is not None:
+            self._held_input.append(data)
+        elif self.phase is Phase.READY:
             self._feed_audio(data)
         else:
             self._hold_audio(data)
@@ -609,6 +1052,7 @@ class Session:
         item_id: str = event["item"]["id"]
         self._scheduler.awaiting_items.add(item_id)
         self._item_events[event["event_id"]] = item_id
+        self._unconfirmed[item_id] = event
         self._upstream(event)
         return item_id
 
@@ -797,7 +1241,7 @@ class Session:
 
     def _pump(self) -> None:
         """Send what waits for "no active response": session updates first, then one response."""
-        if self.phase is not Phase.READY or self._scheduler.busy:
+        if self.phase is not Phase.READY or self._scheduler.busy or self._switching:
             return
         while self._queued_updates:
             self._send_update(self._queued_updates.popleft())
@@ -879,9 +1323,14 @@ class Session:
 
     # -- upstream input -----------------------------------------------------------------------------
 
-    def upstream_event(self, event: dict[str, Any]) -> list[Output]:
-        """One JSON event from the upstream (already parsed from JSON)."""
+    def upstream_event(self, event: dict[str, Any], generation: int = 0) -> list[Output]:
+        """One JSON event from the upstream connection ``generation`` (already parsed from JSON)."""
         if self.phase is Phase.CLOSED:
+            return self._flush()
+        if generation == self._switch_gen:
+            self._switch_event(event)
+            return self._flush()
+        if generation != self._generation or self._reconnection is not None:
             return self._flush()
         parsed = up.parse_upstream_event(event)
         handler = self._upstream_handlers.get(type(parsed))
@@ -923,6 +1372,10 @@ class Session:
             self._scheduler.not_active()
             self._pump()
             return
+        if code == "session_expired":
+            # The upstream closes next; the conversation moves to a new session (SPEC §8).
+            self._expired = True
+            return
         if code in errors.BENIGN_UPSTREAM_CODES:
             return
         if caused_by is not None and caused_by in self._housekeeping:
@@ -936,6 +1389,8 @@ class Session:
             self._update_refused(update, code, message)
             return
         refused_item = self._item_events.pop(caused_by, None) if caused_by else None
+        if refused_item is not None:
+            self._unconfirmed.pop(refused_item, None)
         if refused_item is not None and refused_item in self._scheduler.awaiting_items:
             self._scheduler.item_refused(refused_item)
             self._user_echo.pop(refused_item, None)
@@ -963,6 +1418,11 @@ class Session:
     def _on_transcription_completed(self, event: up.TranscriptionCompleted) -> None:
         if event.transcript.strip():
             self._conversation_text("user", event.transcript.strip())
+            if event.item_id:
+                try:
+                    self._record.add_user_text(event.item_id, event.transcript.strip())
+                except RecordError as e:
+                    self._log("warn", "conversation record: {problem}", problem=str(e))
 
     def _on_transcription_failed(self, event: up.TranscriptionFailed) -> None:
         self._warning(errors.TRANSCRIPTION_FAILED,
@@ -975,6 +1435,9 @@ class Session:
 
     def _on_item_added(self, event: up.ItemAdded) -> None:
         item_id = event.item_id
+        created = self._unconfirmed.pop(item_id, None)
+        if created is not None:
+            self._record_item(created)
         if not self._scheduler.item_confirmed(item_id):
             return
         for event_id in [e for e, i in self._item_events.items() if i == item_id]:
@@ -1023,6 +1486,7 @@ class Session:
 
     def _response_ended(self, response_id: str) -> None:
         self._turn_end = None
+        self._partial_text.clear()
         if self._replies is not None:
             self._replies.response_ended(response_id)
 
@@ -1068,6 +1532,8 @@ class Session:
     def _on_text_delta(self, event: up.TextDelta) -> None:
         self._scheduler.activity()
         self._first_agent_text()
+        if event.delta and event.item_id not in self._texted_items:
+            self._partial_text.setdefault(event.item_id, []).append(event.delta)
 
     def _on_text_done(self, event: up.TextDone) -> None:
         self._scheduler.activity()
@@ -1075,11 +1541,16 @@ class Session:
         self._assistant_text(event.response_id, event.item_id, event.text)
 
     def _assistant_text(self, response_id: str, item_id: str, text: str) -> None:
+        self._partial_text.pop(item_id, None)
         if (item_id in self._texted_items or not text.strip()
                 or response_id in self._untexted_responses):
             return
         self._texted_items.add(item_id)
         self._conversation_text("assistant", text.strip())
+        try:
+            self._record.add_assistant_text(item_id, text.strip())
+        except RecordError as e:
+            self._log("warn", "conversation record: {problem}", problem=str(e))
 
     def _on_output_item_done(self, event: up.OutputItemDone) -> None:
         self._scheduler.activity()
@@ -1087,6 +1558,8 @@ class Session:
         if item.item_type == "message" and item.role == "assistant" and item.text:
             self._assistant_text(event.response_id, item.item_id, item.text)
         elif item.item_type == "function_call":
+            if item.status == "completed":
+                self._record_call(item.item_id, item.call_id, item.name, item.arguments)
             self._calls.item_done(item.call_id, item.status, item.name, item.arguments,
                                   self._endpoint_of)
 
@@ -1098,6 +1571,7 @@ class Session:
     _upstream_handlers: dict[type, Callable[[Session, Any], None]] = {
         up.Malformed: _on_malformed,
         up.Ignored: _on_ignored,
+        up.SessionCreated: _on_session_created,
         up.SessionUpdated: _on_session_updated,
         up.UpstreamError: _on_error,
         up.SpeechStarted: _on_speech_started,

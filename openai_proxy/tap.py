@@ -68,6 +68,10 @@ class Options(usage.Options):
                                               "functions to end [10]."],
         ["shutdown-grace", None, None, "Seconds sessions get to finish after SIGTERM [30]."],
         ["ping-interval", None, None, "Seconds between pings to clients; 0 disables [20]."],
+        ["upstream-ping-interval", None, None, "Seconds between pings to the upstream; 0 disables [15]."],
+        ["rollover-after", None, None, "Seconds after which an upstream session is rolled over at "
+                                       "the next quiet moment [OPENAI_PROXY_ROLLOVER_AFTER; 3300, "
+                                       "scaled to a shorter announced expiry]."],
         ["function-url-prefixes", None, None, "Comma-separated URL prefixes server-side functions "
                                               "may call [OPENAI_PROXY_FUNCTION_URL_PREFIXES; none: off]."],
         ["function-timeout", None, None, "Seconds a server-side function has to answer [10]."],
@@ -82,6 +86,8 @@ class Options(usage.Options):
                                             "every session [AZURE_OPENAI_AD_TOKEN_FILE]."],
         ["allowed-origins", None, None, "Comma-separated browser origins (scheme://host[:port], * globs, "
                                         "null) allowed to connect [OPENAI_PROXY_ALLOWED_ORIGINS; any]."],
+        ["simulator-expire-after", None, None, "With --simulator: simulated sessions expire "
+                                               "(session_expired) after this many seconds [3600]."],
     ]
     optFlags += [
         ["metrics-require-token", None, "/metrics answers 401 without a client token "
@@ -92,6 +98,7 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["metrics-listen"] = []
+        self["simulator-drop"] = []
         self.config: Config | None = None
 
     def opt_metrics_listen(self, description: str) -> None:
@@ -112,6 +119,11 @@ class Options(usage.Options):
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, repeatable (e.g. tcp:8080:interface=127.0.0.1) [OPENAI_PROXY_PORT; tcp:8080]."""
         self["listen"].append(description)
+
+    def opt_simulator_drop(self, rule: str) -> None:
+        """With --simulator: drop simulated upstream connections, repeatable (e.g.
+        event=response.output_audio.delta,nth=3,close=1011; see docs/reliability.md)."""
+        self["simulator-drop"].append(rule)
 
     def opt_version(self) -> None:
         """Print the version and exit."""
@@ -246,8 +258,9 @@ class DaemonService(MultiService):
 class _SimulatorService(Service):
     """Runs the built-in simulated upstream on a loopback port for ``--simulator``."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, config: Config) -> None:
         self._reactor = reactor
+        self._config = config
         self._port: Any = None
 
     def startService(self) -> None:
@@ -255,7 +268,12 @@ class _SimulatorService(Service):
 
         super().startService()
         # The daemon's simulator keeps no transcript of what it received (tests use their own).
-        factory = SimulatorFactory(self._reactor, record_received=False)
+        factory = SimulatorFactory(
+            self._reactor,
+            record_received=False,
+            max_session_seconds=self._config.simulator_expire_after,
+            drops=self._config.simulator_drops,
+        )
         self._port = self._reactor.listenTCP(0, factory, interface="127.0.0.1")
 
     def url_for(self, model: str) -> str:
@@ -310,7 +328,7 @@ def build_service(
                 f"--simulator: the simulator needs the 'simulator' extra "
                 f"(pip install 'openai-proxy[simulator]'): {e}"
             ) from None
-        simulator = _SimulatorService(reactor)
+        simulator = _SimulatorService(reactor, config)
         simulator.setServiceParent(root)
         url_for = simulator.url_for
     connector = UpstreamConnector(reactor, config, url_for=url_for)

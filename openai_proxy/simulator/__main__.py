@@ -10,6 +10,16 @@ It prints ``listening on ws://HOST:PORT/v1/realtime`` once ready (and writes the
 it receives as one JSON line ``{"session": ID, "event": {...}}``, flushed per line, so another process
 can check what reached the upstream. ``--tls-key`` and ``--tls-cert`` serve ``wss://`` instead.
 SIGTERM or Ctrl-C stops it.
+
+Faults, to test what a client does when the upstream goes away (see docs/reliability.md)::
+
+    python -m openai_proxy.simulator --expire-after 20 --drop-after 7 \
+        --drop event=response.output_audio.delta,nth=3,close=1011,session=2
+
+``--expire-after SECONDS`` ends every session like the real API does at 60 minutes (``error``
+``session_expired``, then close 1001). ``--drop RULE`` (repeatable) drops connections at a chosen
+point (:mod:`openai_proxy.simulator.faults` has the syntax); ``--drop-after SECONDS`` is short for
+``--drop after=SECONDS`` (a TCP abort that many seconds into every session).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from .faults import DropRule, FaultSpecError, parse_drop_rule
 from .server import SimulatorFactory
 
 
@@ -61,9 +72,27 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="speak Azure OpenAI's shape: /openai/v1/realtime?model=DEPLOYMENT, "
                              "'api-key: KEY' header (or --entra-token)")
     parser.add_argument("--entra-token", help="with --azure: accept 'Authorization: Bearer TOKEN'")
+    parser.add_argument("--expire-after", metavar="SECONDS", type=float, default=3600.0,
+                        help="end every session with session_expired after SECONDS (default 3600)")
+    parser.add_argument("--drop", metavar="RULE", action="append", default=[],
+                        help="drop connections: after=S | event=TYPE[,nth=K] "
+                             "[,close=abort|hang|CODE][,session=N|,every=N] (repeatable)")
+    parser.add_argument("--drop-after", metavar="SECONDS", action="append", default=[],
+                        help="short for --drop after=SECONDS (repeatable)")
     options = parser.parse_args(argv)
     if bool(options.tls_key) != bool(options.tls_cert):
         parser.error("--tls-key and --tls-cert go together")
+    if not (options.expire_after > 0 and options.expire_after < float("inf")):
+        parser.error(f"--expire-after: must be a number of seconds > 0, got {options.expire_after}")
+    drops: list[DropRule] = []
+    for option, specs in (("--drop", options.drop),
+                          ("--drop-after", [f"after={s}" for s in options.drop_after])):
+        for spec in specs:
+            try:
+                drops.append(parse_drop_rule(spec))
+            except FaultSpecError as e:
+                parser.error(f"{option}: {e}")
+    options.drops = tuple(drops)
     return options
 
 
@@ -80,7 +109,8 @@ async def _serve(reactor: Any, options: argparse.Namespace) -> None:
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     factory = SimulatorFactory(reactor, api_key=options.api_key,
                                record_received=options.record is not None,
-                               azure=options.azure, entra_token=options.entra_token)
+                               azure=options.azure, entra_token=options.entra_token,
+                               max_session_seconds=options.expire_after, drops=options.drops)
     if options.record:
         factory.received = _RecordingList(open(options.record, "a", encoding="utf-8"))
     served: Any = factory

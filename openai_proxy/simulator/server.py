@@ -15,8 +15,15 @@ against the real API), each answered by an ``error`` event whose ``error.event_i
   ``cannot_update_voice`` and refuses the whole update, even when the voice is the current one.
 * Binary frames give ``unsupported_frame``; unparsable text gives ``invalid_json``.
 
-Fatal errors (``beta_api_shape_disabled``, ``model_not_found``, ``session_expired``) are sent as an
-``error`` event and the socket is closed with code 4000, the code observed for the first of them.
+Fatal handshake errors (``beta_api_shape_disabled``, ``model_not_found``) are sent as an ``error``
+event and the socket is closed with code 4000, the code observed for the first of them. A session
+that reaches its maximum duration (60 minutes, ``max_session_seconds``) gets an ``error``
+``session_expired`` ("Your session hit the maximum duration of 60 minutes.") and a close with 1001
+(going away) whose reason is that message, as public reports of the real API show.
+
+Fault injection (:mod:`.faults`): ``drops`` make chosen connections end at a chosen point (after some
+seconds, or at the Nth occurrence of an event type) by a TCP abort or a close code, so reconnection
+can be tested in seconds.
 
 What the simulated model says is deterministic, decided per response in this order:
 
@@ -31,7 +38,10 @@ What the simulated model says is deterministic, decided per response in this ord
    declaration order, with arguments filled from the text (:func:`_fill_arguments`).
    ``tool_choice`` ``"none"`` disables this, ``"required"`` calls the first tool when none
    matches, ``{"type": "function", "name": ...}`` calls that tool.
-4. Otherwise "You said: <user text>" (audio turns use the simulated transcript, see
+4. The last user message asks "what did I say first" (any case, any punctuation): "You first said:
+   <the first user message of the conversation>", so that a test can tell whether the session
+   still holds its beginning (after a rollover or a reconnection, from the replayed items).
+5. Otherwise "You said: <user text>" (audio turns use the simulated transcript, see
    :mod:`.voice`), or "Hello! How can I help you today?" when there is no user message.
 
 Replies are spoken in the session's (or the response's) output format as a synthetic voice of
@@ -67,10 +77,12 @@ from twisted.logger import Logger
 
 from ..wsclose import cancel_close_handshake_timer
 from . import voice
+from .faults import DropRule
 from .validation import ClientEventError, validate_client_event, validate_server_event
 
 __all__ = [
     "DEFAULT_INSTRUCTIONS",
+    "EXPIRED_CLOSE_CODE",
     "FATAL_CLOSE_CODE",
     "SimulatedSession",
     "SimulatorFactory",
@@ -82,6 +94,8 @@ REALTIME_PATH = "/v1/realtime"
 #: Azure OpenAI's GA (v1) realtime path.
 AZURE_REALTIME_PATH = "/openai/v1/realtime"
 FATAL_CLOSE_CODE = 4000
+#: The close code that follows ``session_expired`` (RFC 6455 "going away").
+EXPIRED_CLOSE_CODE = 1001
 DEFAULT_INSTRUCTIONS = (
     "You are a helpful voice assistant. Speak clearly, keep answers short, and ask when "
     "something is unclear."
@@ -335,6 +349,10 @@ def _required_value(kind: object, text: str) -> object:
     return {"boolean": False, "array": [], "object": {}}.get(str(kind), text)
 
 
+_WORD = re.compile(r"[a-z']+")
+_FIRST_QUESTION = "what did i say first"
+
+
 def compose_reply(
     instructions: str | None,
     context: list[Item],
@@ -351,6 +369,9 @@ def compose_reply(
     if last_user is None:
         return [Say(GREETING)]
     text = context[last_user].text()
+    if _FIRST_QUESTION in " ".join(_WORD.findall(text.lower())):
+        first = next(i.text() for i in context if i.role == "user")
+        return [Say(f"You first said: {first}")]
     answered = any(
         item.role == "assistant" or item.data.get("type") == "function_call"
         for item in context[last_user + 1 :]
@@ -487,6 +508,15 @@ class _InputStream:
 # --------------------------------------------------------------------------- the session
 
 
+def _duration(seconds: float) -> str:
+    """``3600`` → ``"60 minutes"`` (the real message); durations that are not whole minutes in seconds."""
+    if seconds >= 60 and seconds % 60 == 0:
+        amount, unit = f"{int(seconds // 60)}", "minute"
+    else:
+        amount, unit = f"{seconds:g}", "second"
+    return f"{amount} {unit}" + ("" if amount == "1" else "s")
+
+
 class SimulatedSession:
     """The state and behaviour of one simulated Realtime session, without the socket.
 
@@ -532,9 +562,10 @@ class SimulatedSession:
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Send ``session.created`` and start the session clock."""
-        self._send("session.created", session=copy.deepcopy(self.config))
+        """Start the session clock and send ``session.created``."""
+        # The clock first: a fault injected at session.created stops the session, timer included.
         self._expiry = self.clock.callLater(self.max_session_seconds, self._expire)
+        self._send("session.created", session=copy.deepcopy(self.config))
 
     def stop(self) -> None:
         """Release every timer (the socket is gone)."""
@@ -549,12 +580,10 @@ class SimulatedSession:
 
     def _expire(self) -> None:
         self._expiry = None
-        minutes = round(self.max_session_seconds / 60)
-        self.error(
-            "session_expired", f"Your session hit the maximum duration of {minutes} minutes."
-        )
+        message = f"Your session hit the maximum duration of {_duration(self.max_session_seconds)}."
+        self.error("session_expired", message)
         self.stop()
-        self._close(FATAL_CLOSE_CODE, "session_expired")
+        self._close(EXPIRED_CLOSE_CODE, message)
 
     def _responses(self) -> list[Response]:
         return ([self.active] if self.active else []) + list(self.out_of_band)
@@ -1027,8 +1056,8 @@ class SimulatedSession:
         """Run the response up to its next pause, then schedule the rest."""
         response.timer = None
         assert response.steps is not None
-        if self.closed or next(response.steps, StopIteration) is StopIteration:
-            return
+        if self.closed or next(response.steps, StopIteration) is StopIteration or self.closed:
+            return  # (the step itself may have closed the session: no timer outlives it)
         response.timer = self.clock.callLater(self.chunk_interval, self._step, response)
 
     def _generate(self, response: Response, plan: list[Say | Call]) -> Generator[None, None, None]:
@@ -1283,6 +1312,10 @@ class SimulatorProtocol(WebSocketServerProtocol):
         self.session: SimulatedSession | None = None
         self._model = ""
         self._fatal: tuple[str, str] | None = None
+        #: The drop rules of this connection's session, with how often each one's event was seen.
+        self._drops: list[tuple[DropRule, list[int]]] = []
+        self._drop_timers: list[IDelayedCall] = []
+        self.dropped: DropRule | None = None
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         if self.factory.azure:
@@ -1374,11 +1407,21 @@ class SimulatorProtocol(WebSocketServerProtocol):
             max_session_seconds=factory.max_session_seconds,
         )
         factory.sessions.append(self)
+        factory.opened += 1
+        ordinal = factory.opened
         self._log.debug(
-            "simulated session {session_id} opened ({model})",
+            "simulated session {session_id} opened ({model}, number {ordinal})",
             session_id=self.session.id,
             model=self._model,
+            ordinal=ordinal,
         )
+        for rule in factory.drops:
+            if not rule.applies_to(ordinal):
+                continue
+            if rule.after is not None:
+                self._drop_timers.append(factory.clock.callLater(rule.after, self._drop, rule))
+            else:
+                self._drops.append((rule, [0]))
         self.session.start()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -1395,6 +1438,8 @@ class SimulatorProtocol(WebSocketServerProtocol):
             return
         if isinstance(event, dict) and self.factory.record_received:
             self.factory.received.append((session.id, event))
+        if self._drops and isinstance(event, dict) and self._count(event.get("type")):
+            return  # dropped on receipt: the event is never acted on
         script = self.factory.script
         # Only a valid event reaches a script: the simulated API refuses the others as usual.
         if script is not None and _is_valid_client_event(event) and script(session, event):
@@ -1415,6 +1460,7 @@ class SimulatorProtocol(WebSocketServerProtocol):
         cancel_close_handshake_timer(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._cancel_drops()
         if self.session is not None:
             self.session.stop()
             self._log.debug(
@@ -1428,10 +1474,57 @@ class SimulatorProtocol(WebSocketServerProtocol):
     def _send_event(self, event: dict[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
             self.sendMessage(json.dumps(event).encode("utf-8"), isBinary=False)
+            if self._drops:
+                self._count(event["type"])
 
     def _close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendClose(code, reason)
+            # Autobahn's sendClose takes only 1000 and 3000-4999; 1001 and 1011 are what servers send.
+            reason_bytes = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+            self.sendCloseFrame(code=code, reasonUtf8=reason_bytes, isReply=False)
+
+    # ----------------------------------------------------------------- fault injection
+
+    def _count(self, event_type: object) -> bool:
+        """Count one occurrence of ``event_type``; drop the connection when a rule says so."""
+        for rule, seen in self._drops:
+            if rule.event == event_type:
+                seen[0] += 1
+                if seen[0] == rule.nth:
+                    self._drop(rule)
+                    return True
+        return False
+
+    def _drop(self, rule: DropRule) -> None:
+        if self.dropped is not None or self.state != self.STATE_OPEN:
+            return
+        self.dropped = rule
+        self._cancel_drops()
+        self._log.info(
+            "simulated drop of session {session_id} ({rule})",
+            session_id=self.session.id if self.session else None,
+            rule=rule.describe(),
+        )
+        if self.session is not None:
+            self.session.stop()  # nothing more is sent, no timer of it outlives the connection
+        transport: Any = self.transport
+        if rule.hang:
+            # Silent: read nothing more (no pong, no close answer); released after a bound.
+            transport.pauseProducing()
+            self._drop_timers.append(
+                self.factory.clock.callLater(self.factory.hang_seconds, transport.abortConnection)
+            )
+        elif rule.close is None:
+            transport.abortConnection()
+        else:
+            self._close(rule.close, "simulated connection drop")
+
+    def _cancel_drops(self) -> None:
+        for timer in self._drop_timers:
+            if timer.active():
+                timer.cancel()
+        self._drop_timers = []
+        self._drops = []
 
 
 class SimulatorFactory(WebSocketServerFactory):
@@ -1444,7 +1537,10 @@ class SimulatorFactory(WebSocketServerFactory):
     ``received`` holds ``(session id, client event)`` for every JSON object received, in order
     (tests read it to see what was sent upstream; ``record_received=False`` turns it off for long
     runs). ``sessions`` holds the live :class:`SimulatorProtocol` instances; their ``session``
-    attribute is the :class:`SimulatedSession`.
+    attribute is the :class:`SimulatedSession`. ``opened`` counts the sessions opened so far.
+
+    ``max_session_seconds`` is when sessions expire (the real API's 60 minutes by default); ``drops``
+    are the :class:`~.faults.DropRule` fault injections applied to each session.
     """
 
     protocol = SimulatorProtocol  # type: ignore[assignment]
@@ -1464,6 +1560,7 @@ class SimulatorFactory(WebSocketServerFactory):
         azure: bool = False,
         entra_token: str | None = None,
         azure_deployments: frozenset[str] | None = None,
+        drops: tuple[DropRule, ...] = (),
     ) -> None:
         super().__init__(url=url)
         self.setProtocolOptions(
@@ -1486,6 +1583,10 @@ class SimulatorFactory(WebSocketServerFactory):
         self.azure_deployments = azure_deployments
         self.received: list[tuple[str, dict[str, Any]]] = []
         self.sessions: list[SimulatorProtocol] = []
+        self.drops = tuple(drops)
+        self.opened = 0
+        #: Seconds after which a connection silenced by a ``close=hang`` rule is aborted.
+        self.hang_seconds = 60.0
 
 
 def listen_simulator(

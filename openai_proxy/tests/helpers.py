@@ -96,8 +96,15 @@ class Daemon:
             yield self.simulator_port.stopListening()
         if self.caller is not None:
             yield self.caller.close()
-        # Let aborted connections finish closing so trial sees a clean reactor.
+        # Let aborted connections finish closing, and the timers Autobahn batches into buckets of
+        # whole seconds (txaio's call_later: handshake and close timeouts of those connections) run
+        # out, so that trial sees a clean reactor. Bounded: a bucket is at most a few seconds away.
         yield wait(0.05)
+        deadline = reactor.seconds() + 5.0
+        while reactor.seconds() < deadline and any(
+            getattr(call.func, "__name__", "") == "_notify_bucket" for call in reactor.getDelayedCalls()
+        ):
+            yield wait(0.05)
 
 
 class TestClient(WebSocketClientProtocol):

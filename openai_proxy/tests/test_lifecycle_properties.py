@@ -207,3 +207,128 @@ class LifecycleProperties(SynchronousTestCase):
             driver.step(tag, n)
         driver.settle()
         self.assertTrue(driver.answers_a_new_question(), "the session no longer answers")
+
+
+#: The steps above, and the upstream connection's end and the moves to a new upstream session.
+switch_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["client", "confirm", "created", "audio", "audio_done", "item_added",
+                         "call", "call_item_done", "done", "error", "speech_started",
+                         "speech_stopped", "transcript", "updated", "time", "timer",
+                         "function_response", "drop", "switch", "switch", "rollover_due",
+                         "candidate_drop", "binary"]),
+        st.integers(min_value=0, max_value=7),
+    ),
+    max_size=40,
+)
+
+
+class SwitchDriver(Driver):
+    """The driver above, whose upstream events go to the session's current connection, with drops
+    of it and of a candidate, rollovers coming due, and switches advanced step by step."""
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        super().__init__(test)
+        self.swaps: list[int] = []
+        session = self.h.session
+        plain = session.upstream_event
+
+        def current(event: Any, generation: int | None = None) -> list[s.Output]:
+            return plain(event, session._generation if generation is None else generation)
+
+        session.upstream_event = current  # type: ignore[method-assign]
+        self.h.feed(session.upstream_event({"type": "session.created", "event_id": "e0",
+                                            "session": {"expires_at": 3600}}))
+        self.check()
+
+    def check(self) -> None:
+        new = self.h.outputs[self.checked:]
+        for output in new:
+            if isinstance(output, s.SwapUpstream):
+                self.test.assertGreater(output.generation, (self.swaps or [0])[-1])
+                self.swaps.append(output.generation)
+                self.open = []
+                self.items = []
+        # Events for a candidate connection are validated, not tracked as the current one's.
+        kept = [o for o in new if not (isinstance(o, s.SendUpstream) and o.generation is not None)]
+        for output in new:
+            if isinstance(output, s.SendUpstream) and output.generation is not None:
+                json.dumps(output.event, allow_nan=False)
+        outputs, self.h.outputs = self.h.outputs, self.h.outputs[:self.checked] + kept
+        try:
+            super().check()
+        finally:
+            self.h.outputs = outputs
+            self.checked = len(outputs)
+
+    def advance_switch(self) -> None:
+        h, session = self.h, self.h.session
+        gen = session._switch_gen
+        if gen is None:
+            if session._reconnection is not None:
+                h.timer(s.TimerKey(s.TimerKind.RECONNECT))
+            return
+        switch = session._switch
+        assert switch is not None
+        if switch.phase.value == "connecting":
+            h.feed(session.upstream_opened(gen))
+        elif switch.phase.value == "configuring":
+            h.feed(session.upstream_event({"type": "session.updated", "event_id": "e1",
+                                           "session": {}}, gen))
+        else:
+            for output in list(h.outputs):
+                if (isinstance(output, s.SendUpstream) and output.generation == gen
+                        and output.event["type"] == "conversation.item.create"
+                        and session._switch_gen == gen):
+                    h.feed(session.upstream_event({"type": "conversation.item.done",
+                                                   "event_id": "e2",
+                                                   "item": output.event["item"]}, gen))
+
+    def step(self, tag: str, n: int) -> None:
+        h, session = self.h, self.h.session
+        if tag == "drop":
+            h.feed(session.upstream_closed(
+                s.UpstreamClosure(was_open=True, close_code=[None, 1000, 1011, 1008][n % 4]),
+                session._generation))
+            self.open = []
+        elif tag == "candidate_drop" and session._switch_gen is not None:
+            h.feed(session.upstream_closed(s.UpstreamClosure(was_open=n % 2 == 0),
+                                           session._switch_gen))
+        elif tag == "switch":
+            self.advance_switch()
+        elif tag == "rollover_due":
+            h.time += 3300.0
+            h.timer(s.TimerKey(s.TimerKind.ROLLOVER))
+        elif tag == "binary":
+            h.binary(b"\x00\x01" * 480 * (n + 1))
+        else:
+            super().step(tag, n)
+            return
+        self.check()
+
+    def finish_switches(self) -> None:
+        for _ in range(12):
+            if self.h.session.phase is s.Phase.CLOSED:
+                return
+            self.advance_switch()
+            self.check()
+
+
+class SwitchProperties(SynchronousTestCase):
+    @settings(max_examples=150, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(switch_steps)
+    def test_any_interleaving_with_drops_and_switches(self, sequence: list[tuple[str, int]]) -> None:
+        driver = SwitchDriver(self)
+        for tag, n in sequence:
+            driver.step(tag, n)
+        session = driver.h.session
+        driver.finish_switches()
+        if session.phase is not s.Phase.CLOSED:
+            self.assertIsNone(session._switch)
+            self.assertIsNone(session._reconnection)
+            driver.settle()
+            self.assertTrue(driver.answers_a_new_question(), "the session no longer answers")
+        driver.h.feed(session.client_closed())
+        self.assertEqual(session._emit.timers, set(), "a timer outlived the session")
+        self.assertIsNone(session._emit.held_upstream)

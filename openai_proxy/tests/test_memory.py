@@ -543,10 +543,11 @@ class BargeInTests(_MemoryTestCase):
 
 class TeardownTests(_MemoryTestCase):
     def test_upstream_closing_mid_session_is_an_error_then_a_close(self) -> None:
+        # 1008 (policy violation) is not worth a reconnection (SPEC §8): the client is told.
         daemon = self.start()
         client = daemon.configured_client()
         [upstream] = daemon.simulator.sessions
-        upstream.sendClose(1000)
+        upstream.sendClose(4000)
         daemon.flush()
         errors_seen = client.of_type("Error")
         self.assertEqual([e["code"] for e in errors_seen], [errors.UPSTREAM_CLOSED])

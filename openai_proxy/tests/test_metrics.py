@@ -341,3 +341,25 @@ class DaemonMetricsTests(TestCase):
             self.assertEqual(response.code, expected, path)
             if path == "/metrics":
                 self.assertIn(b"openai_proxy_sessions_active 0\n", body)
+
+
+class ContinuityMetricsTests(TestCase):
+    def test_session_continuity_counts_reach_the_instruments(self) -> None:
+        from twisted.internet.task import Clock
+
+        from openai_proxy.relay import SessionRegistry
+
+        registry = SessionRegistry(Clock(), 0)
+        for name, amount in (("rollovers", 1), ("rollovers_forced", 1), ("rollovers", 1),
+                             ("reconnects", 1), ("reconnects_failed", 1), ("replayed_items", 7),
+                             ("switch_ms", 12), ("switch_ms", 1500)):
+            registry.count_continuity(name, amount)
+        text = registry.metrics.prometheus_text()
+        for line in ('openai_proxy_upstream_rollovers_total{outcome="completed"} 2',
+                     'openai_proxy_upstream_rollovers_total{outcome="forced"} 1',
+                     'openai_proxy_upstream_reconnects_total{outcome="reconnected"} 1',
+                     'openai_proxy_upstream_reconnects_total{outcome="gave_up"} 1',
+                     "openai_proxy_upstream_replayed_items_total 7",
+                     'openai_proxy_upstream_switch_duration_seconds_bucket{le="0.1"} 1',
+                     "openai_proxy_upstream_switch_duration_seconds_count 2"):
+            self.assertIn(line + "\n", text)

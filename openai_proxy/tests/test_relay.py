@@ -383,7 +383,7 @@ class UpstreamFailureTests(_DaemonTestCase):
         client = yield self.configured_client()
         assert self.daemon.simulator is not None
         for protocol in list(self.daemon.simulator.sessions):
-            protocol.sendClose(1000)
+            protocol.sendClose(4000)  # an application code: not worth a reconnection (SPEC §8)
         error = yield client.expect("Error")
         self.assertEqual(error["code"], errors.UPSTREAM_CLOSED)
         yield client.closed

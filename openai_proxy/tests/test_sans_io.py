@@ -5,6 +5,7 @@ failure is an input whose mapping to a client Error is decided (and tested) here
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -81,9 +82,17 @@ class UpstreamClosureTests(SynchronousTestCase):
     ]
 
     def test_each_closure(self) -> None:
-        for closure, code, words in self.CASES:
+        # Before the upstream ever opened nothing is reconnected (SPEC §7); for an upstream that was
+        # open, a close that is not worth a reconnection (SPEC §8) is told the same way.
+        cases = [(c, code, words) for c, code, words in self.CASES if not c.was_open] + [
+            (s.UpstreamClosure(was_open=True, close_code=1008), errors.UPSTREAM_CLOSED, "1008"),
+            (s.UpstreamClosure(was_open=True, close_code=4000), errors.UPSTREAM_CLOSED, "4000"),
+        ]
+        for closure, code, words in cases:
             h = Harness()
             h.configure()
+            if closure.was_open:
+                h.feed(h.session.upstream_opened())
             out = h.feed(h.session.upstream_closed(closure))
             [error] = h.client(out)
             self.assertEqual(error["code"], code, closure)
@@ -104,7 +113,7 @@ class UpstreamClosureTests(SynchronousTestCase):
     def test_closure_releases_timers(self) -> None:
         h = Harness()
         h.text({"type": "Settings", **{k: v for k, v in _settings().items() if k != "type"}})
-        out = h.feed(h.session.upstream_closed(s.UpstreamClosure(was_open=True, close_code=1006)))
+        out = h.feed(h.session.upstream_closed(s.UpstreamClosure(was_open=False, http_status=500)))
         self.assertIn(s.CancelTimer(s.TimerKey(s.TimerKind.UPDATE_WATCHDOG)), out)
         self.assertTrue(all(not isinstance(o, s.StartTimer) for o in out))
 
@@ -114,3 +123,84 @@ class UpstreamClosureTests(SynchronousTestCase):
         out = h.feed(h.session.draining())
         self.assertEqual(h.client(out)[0]["code"], errors.SHUTTING_DOWN)
         self.assertIn(s.CloseClient(1001, "server shutting down"), out)
+
+
+class SwitchTests(SynchronousTestCase):
+    """SPEC §8 in memory: the session's side of a reconnection, input by input."""
+
+    def lost(self) -> tuple[Harness, list[s.Output]]:
+        h = Harness(random=lambda: 0.5)
+        h.configure()
+        h.feed(h.session.upstream_opened())
+        h.text({"type": "InjectUserMessage", "content": "Tell me about the sea"})
+        [create] = [o.event for o in h.outputs if isinstance(o, s.SendUpstream)
+                    and o.event["type"] == "conversation.item.create"]
+        h.up("conversation.item.done", item=create["item"])
+        out = h.feed(h.session.upstream_closed(s.UpstreamClosure(was_open=True, close_code=1006)))
+        return h, out
+
+    def test_a_drop_starts_a_reconnection_after_the_backoff(self) -> None:
+        h, out = self.lost()
+        [warning] = h.client(out)
+        self.assertEqual(warning["code"], errors.UPSTREAM_RECONNECTING)
+        [start] = [o for o in out if isinstance(o, s.StartTimer)
+                   and o.name == s.TimerKey(s.TimerKind.RECONNECT)]
+        self.assertEqual(start.seconds, 0.125)  # half of the first ceiling, 0.25 s
+        self.assertNotIn(s.CloseClient, [type(o) for o in out])
+        out = h.timer(start.name)
+        self.assertIn(s.ConnectUpstream("gpt-realtime", 1), out)
+
+    def test_the_new_session_gets_the_configuration_then_the_replay_then_the_swap(self) -> None:
+        h, _ = self.lost()
+        h.timer(s.TimerKey(s.TimerKind.RECONNECT))
+        # Events from the lost connection (generation 0) change nothing any more.
+        self.assertEqual(h.feed(h.session.upstream_event(
+            {"type": "input_audio_buffer.speech_started", "audio_start_ms": 0})), [])
+        out = h.feed(h.session.upstream_opened(1))
+        [update] = [o for o in out if isinstance(o, s.SendUpstream)]
+        self.assertEqual((update.generation, update.event["type"]), (1, "session.update"))
+        self.assertEqual(update.event["session"]["instructions"], "You are helpful.")
+        out = h.feed(h.session.upstream_event({"type": "session.updated", "session": {}}, 1))
+        [replayed] = [o for o in out if isinstance(o, s.SendUpstream)]
+        self.assertEqual(replayed.generation, 1)
+        self.assertEqual(replayed.event["item"]["content"][0]["text"], "Tell me about the sea")
+        out = h.feed(h.session.upstream_event(
+            {"type": "conversation.item.done", "item": replayed.event["item"]}, 1))
+        self.assertIn(s.SwapUpstream(1), out)
+        self.assertEqual([m["code"] for m in h.client(out)], [errors.UPSTREAM_RECONNECTED])
+        self.assertEqual(h.session.stats["reconnects"], 1)
+
+    def test_client_leaving_during_a_reconnection_cancels_every_timer(self) -> None:
+        h, _ = self.lost()
+        h.timer(s.TimerKey(s.TimerKind.RECONNECT))
+        out = h.feed(h.session.client_closed())
+        self.assertIn(s.CloseUpstream(), out)
+        self.assertEqual(h.session._emit.timers, set())
+
+    def swap(self, h: Harness) -> list[s.Output]:
+        """Take the reconnection through to its swap; the outputs of the last step."""
+        h.timer(s.TimerKey(s.TimerKind.RECONNECT))
+        h.feed(h.session.upstream_opened(1))
+        out = h.feed(h.session.upstream_event({"type": "session.updated", "session": {}}, 1))
+        for output in [o for o in out if isinstance(o, s.SendUpstream)]:
+            out = h.feed(h.session.upstream_event(
+                {"type": "conversation.item.done", "item": output.event["item"]}, 1))
+        return out
+
+    def test_audio_during_a_reconnection_is_held_bounded_and_delivered_in_order(self) -> None:
+        h, _ = self.lost()
+        second = 24000 * 2  # one second of linear16 at 24 kHz; the harness holds one second
+        chunks = [bytes([n]) * (second // 2) for n in (1, 2, 3)]
+        for chunk in chunks:
+            self.assertEqual([o for o in h.binary(chunk) if isinstance(o, s.SendUpstream)], [])
+        out = self.swap(h)
+        self.assertIn(s.SwapUpstream(1), out)
+        codes = [m["code"] for m in h.client(out)]
+        self.assertEqual(codes, [errors.UPSTREAM_RECONNECTED, errors.AUDIO_BUFFER_OVERFLOW])
+        sent = b"".join(
+            base64.b64decode(o.event["audio"]) for o in out
+            if isinstance(o, s.SendUpstream) and o.event["type"] == "input_audio_buffer.append")
+        # The newest second, oldest chunk dropped whole, the rest in order (a last partial batch
+        # may still wait for its flush timer).
+        self.assertTrue((chunks[1] + chunks[2]).startswith(sent), len(sent))
+        self.assertGreater(len(sent), second * 0.9)

@@ -28,6 +28,7 @@ from txaio.testutil import replace_loop
 from openai_proxy.simulator import SimulatorFactory, listen_simulator, voice
 from openai_proxy.simulator.server import (
     DEFAULT_INSTRUCTIONS,
+    EXPIRED_CLOSE_CODE,
     FATAL_CLOSE_CODE,
     GREETING,
     Call,
@@ -288,7 +289,10 @@ class HandshakeTests(SimulatorTestCase):
         self.advance(1.0, step=1.0)
         self.assertEqual(self.last_error(client)["code"], "session_expired")
         assert client.closed is not None
-        self.assertEqual(client.closed[1], FATAL_CLOSE_CODE)
+        # Public reports of the real API: "received 1001 (going away) Your session hit the maximum
+        # duration of 60 minutes."
+        self.assertEqual(client.closed[1], EXPIRED_CLOSE_CODE)
+        self.assertEqual(client.closed[2], "Your session hit the maximum duration of 60 minutes.")
 
 
 # --------------------------------------------------------------------------- shapes vs capture
@@ -1160,6 +1164,15 @@ class ReplyRuleTests(unittest.TestCase):
             compose_reply(None, [self.user("weather?"), output], [WEATHER_TOOL], "auto"),
             [Say("Here is what I found: sunny")],
         )
+
+    def test_compose_reply_answers_what_was_said_first(self) -> None:
+        context = [self.user("Tell me about the sea"), self.user("and the mountains"),
+                   self.user("So, WHAT did I say first?!")]
+        self.assertEqual(compose_reply(None, context, [WEATHER_TOOL], "auto"),
+                         [Say("You first said: Tell me about the sea")])
+        # Only that question: other messages are echoed as before.
+        self.assertEqual(compose_reply(None, context[:2], [], "auto"),
+                         [Say("You said: and the mountains")])
 
     def test_merge_session_changes_only_what_was_sent(self) -> None:
         base = default_session("sess_x", "gpt-realtime", 0)

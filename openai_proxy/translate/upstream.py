@@ -37,6 +37,13 @@ class Ignored:
 
 
 @dataclass(frozen=True)
+class SessionCreated:
+    """``session.created``: ``expires_at`` is the session's end (unix seconds) when it gives a number."""
+
+    expires_at: float | None
+
+
+@dataclass(frozen=True)
 class SessionUpdated:
     """``session.updated``: answers the oldest ``session.update`` in flight."""
 
@@ -152,10 +159,12 @@ class AudioDone:
 
 @dataclass(frozen=True)
 class TextDelta:
-    """A first sign of the agent's text (transcript or text delta): only its timing is used."""
+    """A piece of the agent's text (transcript or text delta): its timing, and ``delta`` is kept until
+    the item's text is done (a reply cut by an upstream drop is reported with the text it had)."""
 
     response_id: str
     item_id: str
+    delta: str = ""
 
 
 @dataclass(frozen=True)
@@ -180,7 +189,7 @@ UpstreamEvent = (
     Malformed | Ignored | SessionUpdated | UpstreamError | SpeechStarted | SpeechStopped
     | TranscriptionCompleted | TranscriptionFailed | ItemAdded | ResponseCreated | ResponseDone
     | OutputItemAdded | OutputItemDone | AudioDelta | AudioDone | TextDelta | TextDone
-    | FunctionArgumentsDone
+    | FunctionArgumentsDone | SessionCreated
 )
 
 
@@ -335,7 +344,22 @@ def _item_added(event: dict[str, Any]) -> ItemAdded:
     return ItemAdded(_str(_obj(event, "item"), "id"))
 
 
+def _text_delta(event: dict[str, Any]) -> TextDelta:
+    delta = event.get("delta")
+    return TextDelta(_str(event, "response_id"), _str(event, "item_id"),
+                     delta[:MAX_TEXT_CHARS] if isinstance(delta, str) else "")
+
+
+def _session_created(event: dict[str, Any]) -> SessionCreated:
+    session = event.get("session")
+    expires = session.get("expires_at") if isinstance(session, dict) else None
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+        return SessionCreated(None)
+    return SessionCreated(float(expires))
+
+
 _PARSERS: dict[str, Any] = {
+    "session.created": _session_created,
     "session.updated": lambda e: SessionUpdated(),
     "error": _error,
     "input_audio_buffer.speech_started": lambda e: SpeechStarted(),
@@ -355,9 +379,8 @@ _PARSERS: dict[str, Any] = {
         _str(e, "response_id"), _output_item(e.get("item"))),
     "response.output_audio.delta": _audio_delta,
     "response.output_audio.done": lambda e: AudioDone(_str(e, "response_id"), _str(e, "item_id")),
-    "response.output_audio_transcript.delta": lambda e: TextDelta(
-        _str(e, "response_id"), _str(e, "item_id")),
-    "response.output_text.delta": lambda e: TextDelta(_str(e, "response_id"), _str(e, "item_id")),
+    "response.output_audio_transcript.delta": _text_delta,
+    "response.output_text.delta": _text_delta,
     "response.output_audio_transcript.done": _text_done,
     "response.output_text.done": _text_done,
     "response.function_call_arguments.done": _arguments_done,
