@@ -160,6 +160,21 @@ class Replay:
         return len(self.events)
 
 
+def heard_part(text: str, share: float) -> str:
+    """
+    The part of an assistant ``text`` the user heard when its audio was cut at ``share`` (0.0–1.0) of
+    its length: the text's share in characters (speech runs at a roughly even rate), cut back to the
+    last whole word, with `` …`` marking the cut.  An empty result means nothing whole was heard.
+    """
+    if share >= 1.0:
+        return text
+    cut = int(len(text) * max(0.0, share))
+    if cut < len(text) and not text[cut:cut + 1].isspace():
+        cut = text.rfind(" ", 0, cut)
+    heard = text[:max(cut, 0)].rstrip()
+    return heard + " …" if heard else ""
+
+
 class ConversationRecord:
     """The conversation the model knows, kept so that a new upstream session can be given it again.
 
@@ -237,6 +252,11 @@ class ConversationRecord:
             self._by_item[item_id] = entry
         entry.output = output
         self._compact()
+
+    def text_of(self, item_id: str) -> str | None:
+        """The recorded text of message ``item_id``, or ``None`` (unknown item, or no text yet)."""
+        entry = self._by_item.get(item_id)
+        return entry.text if isinstance(entry, _Message) else None
 
     def remove(self, item_id: str) -> None:
         """Forget an item deleted from the conversation; a function round goes as a whole."""

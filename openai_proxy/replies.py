@@ -53,6 +53,9 @@ class Replies:
         #: Responses whose audio is never forwarded (again): ended or interrupted.
         self.silenced: deque[str] = deque(maxlen=64)
         self.agent_spoke = False
+        #: After :meth:`barge_in`: what the client heard of each item of the interrupted reply, as a share
+        #: of the audio it was sent (0.0: nothing, the item was deleted); items heard in full are absent.
+        self.heard: dict[str, float] = {}
 
     def current(self) -> DeliveredItem | None:
         return self.items[-1] if self.items and not self.items[-1].done else None
@@ -132,6 +135,7 @@ class Replies:
         Returns the event ids of the housekeeping events sent.
         """
         sent: list[str] = []
+        self.heard = {}
         for silenced in (response_id, self.response_id):
             if silenced is not None and silenced not in self.silenced:
                 self.silenced.append(silenced)
@@ -149,6 +153,7 @@ class Replies:
         for item in self.items:
             if heard_item_seen:
                 sent.append(self._delete(item.item_id))
+                self.heard[item.item_id] = 0.0
                 continue
             if heard_ms >= before + item.delivered_ms and item.item_id != cut_short:
                 before += item.delivered_ms
@@ -162,10 +167,13 @@ class Replies:
                 self._emit.log("debug", "truncated {item_id} at {audio_end_ms} ms",
                                item_id=item.item_id, audio_end_ms=end_ms)
                 sent.append(event_id)
+                self.heard[item.item_id] = min(1.0, end_ms / item.delivered_ms)
             elif before > 0:
                 sent.append(self._delete(item.item_id))
+                self.heard[item.item_id] = 0.0
         for item_id in self.announced if self.items else ():
             sent.append(self._delete(item_id))
+            self.heard[item_id] = 0.0
         self.items = []
         self.announced = []
         self.response_id = None

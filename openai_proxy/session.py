@@ -49,6 +49,7 @@ from openai_proxy.continuity import (
     SwitchPhase,
     SwitchReason,
     classify_failure,
+    heard_part,
 )
 from openai_proxy.endpoint import Endpoint
 from openai_proxy.function_calls import CallRound, FunctionCalls
@@ -254,6 +255,8 @@ class Session:
         self._texted_items: set[str] = set()
         # continuity (SPEC §8): upstream connections are numbered; the current one and a candidate
         self._record = ConversationRecord()
+        #: Interrupted items whose text has not arrived yet → the share of their audio the user heard.
+        self._heard_share: dict[str, float] = {}
         #: conversation.item.create events not confirmed yet, by item id (resent after a drop).
         self._unconfirmed: dict[str, dict[str, Any]] = {}
         #: Agent text received so far, per item, until the item's text is done.
@@ -1309,6 +1312,29 @@ class Session:
                 self._housekeeping.append(event_id)
         if self._replies is not None:
             self._housekeeping.extend(self._replies.barge_in(self._scheduler.active_id))
+            self._keep_heard(self._replies.heard)
+
+    def _keep_heard(self, heard: dict[str, float]) -> None:
+        """
+        The conversation record (what a new upstream session is given, SPEC §8) keeps of an interrupted
+        reply what the user heard, as the upstream's own memory does after the truncate (SPEC §6):
+        deleted items go, a truncated item's text is cut to the heard share (by the audio's share,
+        to a word boundary) once it is known.
+        """
+        for item_id, share in heard.items():
+            if share <= 0.0:
+                self._record.remove(item_id)
+                continue
+            self._heard_share[item_id] = share
+            while len(self._heard_share) > MAX_WAITING_REQUESTS:
+                del self._heard_share[next(iter(self._heard_share))]
+            text = self._record.text_of(item_id)
+            if text is not None:
+                part = heard_part(text, share)
+                if part:
+                    self._record.add_assistant_text(item_id, part)
+                else:
+                    self._record.remove(item_id)
 
     def _untext_interrupted_reply(self) -> None:
         """
@@ -1542,8 +1568,18 @@ class Session:
 
     def _assistant_text(self, response_id: str, item_id: str, text: str) -> None:
         self._partial_text.pop(item_id, None)
-        if (item_id in self._texted_items or not text.strip()
-                or response_id in self._untexted_responses):
+        if item_id in self._texted_items or not text.strip():
+            return
+        if response_id in self._untexted_responses:
+            # Never shown to the client (it was interrupted), but what the user heard of it stays in
+            # the conversation a new upstream session is given.
+            share = self._heard_share.pop(item_id, None)
+            part = heard_part(text.strip(), share) if share is not None else ""
+            if part:
+                try:
+                    self._record.add_assistant_text(item_id, part)
+                except RecordError as e:
+                    self._log("warn", "conversation record: {problem}", problem=str(e))
             return
         self._texted_items.add(item_id)
         self._conversation_text("assistant", text.strip())

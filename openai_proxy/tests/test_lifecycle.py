@@ -660,3 +660,61 @@ class HugeClientNumbersTests(SynchronousTestCase):
         h = ready()
         out = h.text('{"type": "InjectAgentMessage", "message": "x", "behavior": ' + self.BIG + "}")
         self.assertEqual(h.client(out)[0]["code"], errors.INVALID_CLIENT_MESSAGE)
+
+
+class HeardPartRecordedTests(SynchronousTestCase):
+    """
+    After a barge-in the conversation a new upstream session is given (SPEC §8) holds what the user
+    heard of the interrupted reply, as the upstream's own memory does after the truncate (SPEC §6).
+    """
+
+    TEXT = "one two three four five six seven eight nine ten"
+
+    def interrupted(self, transcript_first: bool) -> tuple[Harness, s.Session]:
+        h = ready()
+        h.confirm_item(inject_user(h, "count to ten"))
+        h.start_response("resp_1")
+        h.audio("resp_1", "item_a", 48 * 2000)  # 2 s of 24 kHz pcm16
+        if transcript_first:
+            h.up("response.output_audio_transcript.done", response_id="resp_1", item_id="item_a",
+                 output_index=0, content_index=0, transcript=self.TEXT)
+        h.audio("resp_1", "item_b", 48 * 1000)  # a second item, never heard
+        h.time += 1.0  # half of item_a heard
+        h.up("input_audio_buffer.speech_started", audio_start_ms=10, item_id="u2")
+        if not transcript_first:
+            h.up("response.output_audio_transcript.done", response_id="resp_1", item_id="item_a",
+                 output_index=0, content_index=0, transcript=self.TEXT)
+        h.up("response.output_audio_transcript.done", response_id="resp_1", item_id="item_b",
+             output_index=1, content_index=0, transcript="never heard")
+        return h, h.session
+
+    def test_text_arriving_after_the_interruption_is_recorded_as_heard(self) -> None:
+        h, session = self.interrupted(transcript_first=False)
+        heard = session._record.text_of("item_a")
+        self.assertIsNotNone(heard)
+        assert heard is not None
+        self.assertTrue(heard.endswith(" …"), heard)
+        self.assertTrue(self.TEXT.startswith(heard[:-2]), heard)
+        self.assertLess(len(heard), len(self.TEXT) * 0.6)
+        self.assertIsNone(session._record.text_of("item_b"))
+        # The client was never shown the interrupted reply's text.
+        self.assertNotIn(self.TEXT, json.dumps(h.client(h.outputs)))
+
+    def test_text_recorded_before_the_interruption_is_cut_to_the_heard_part(self) -> None:
+        _, session = self.interrupted(transcript_first=True)
+        heard = session._record.text_of("item_a")
+        assert heard is not None
+        self.assertTrue(heard.endswith(" …"), heard)
+        self.assertLess(len(heard), len(self.TEXT) * 0.6)
+        self.assertIsNone(session._record.text_of("item_b"))
+
+
+class HeardPartTests(SynchronousTestCase):
+    def test_share_of_the_text_to_a_word_boundary(self) -> None:
+        from openai_proxy.continuity import heard_part
+
+        self.assertEqual(heard_part("one two three four", 1.0), "one two three four")
+        self.assertEqual(heard_part("one two three four", 0.5), "one two …")
+        self.assertEqual(heard_part("one two three four", 0.3), "one …")
+        self.assertEqual(heard_part("one two three four", 0.0), "")
+        self.assertEqual(heard_part("onetwothree", 0.5), "")
