@@ -1441,6 +1441,14 @@ class Session:
             self._log("warn", "speech_stopped without a usable audio_end_ms")
         self._client(m.utterance_end(round((event.audio_end_ms or 0) / 1000.0, 3)))
 
+    def _on_committed(self, event: up.Committed) -> None:
+        # The spoken turn takes its place in the conversation now; its transcript may come after the
+        # reply it triggered (SPEC §8: the replay keeps conversation order).
+        try:
+            self._record.add_user_audio(event.item_id)
+        except RecordError as e:
+            self._log("warn", "conversation record: {problem}", problem=str(e))
+
     def _on_transcription_completed(self, event: up.TranscriptionCompleted) -> None:
         if event.transcript.strip():
             self._conversation_text("user", event.transcript.strip())
@@ -1612,6 +1620,7 @@ class Session:
         up.UpstreamError: _on_error,
         up.SpeechStarted: _on_speech_started,
         up.SpeechStopped: _on_speech_stopped,
+        up.Committed: _on_committed,
         up.TranscriptionCompleted: _on_transcription_completed,
         up.TranscriptionFailed: _on_transcription_failed,
         up.ItemAdded: _on_item_added,

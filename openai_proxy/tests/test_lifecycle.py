@@ -718,3 +718,20 @@ class HeardPartTests(SynchronousTestCase):
         self.assertEqual(heard_part("one two three four", 0.3), "one …")
         self.assertEqual(heard_part("one two three four", 0.0), "")
         self.assertEqual(heard_part("onetwothree", 0.5), "")
+
+
+class SpokenTurnOrderTests(SynchronousTestCase):
+    def test_a_late_transcript_keeps_the_spoken_turn_before_its_reply(self) -> None:
+        """SPEC §8: the replay keeps conversation order, whenever the transcript arrives."""
+        h = ready()
+        h.up("input_audio_buffer.speech_started", audio_start_ms=0, item_id="item_user")
+        h.up("input_audio_buffer.speech_stopped", audio_end_ms=900, item_id="item_user")
+        h.up("input_audio_buffer.committed", previous_item_id=None, item_id="item_user")
+        h.start_response("resp_1")
+        h.up("response.output_audio_transcript.done", response_id="resp_1", item_id="item_reply",
+             output_index=0, content_index=0, transcript="It is sunny.")
+        done(h, "resp_1")
+        h.up("conversation.item.input_audio_transcription.completed", item_id="item_user",
+             content_index=0, transcript="What is the weather?")
+        events = h.session._record.replay(lambda: "replay_1").events
+        self.assertEqual([e["item"]["id"] for e in events], ["item_user", "item_reply"])

@@ -71,6 +71,13 @@ class SpeechStopped:
 
 
 @dataclass(frozen=True)
+class Committed:
+    """``input_audio_buffer.committed``: the user's spoken turn became conversation item ``item_id``."""
+
+    item_id: str
+
+
+@dataclass(frozen=True)
 class TranscriptionCompleted:
     """``conversation.item.input_audio_transcription.completed``."""
 
@@ -186,7 +193,7 @@ class FunctionArgumentsDone:
 
 
 UpstreamEvent = (
-    Malformed | Ignored | SessionUpdated | UpstreamError | SpeechStarted | SpeechStopped
+    Malformed | Ignored | SessionUpdated | UpstreamError | SpeechStarted | SpeechStopped | Committed
     | TranscriptionCompleted | TranscriptionFailed | ItemAdded | ResponseCreated | ResponseDone
     | OutputItemAdded | OutputItemDone | AudioDelta | AudioDone | TextDelta | TextDone
     | FunctionArgumentsDone | SessionCreated
@@ -364,6 +371,7 @@ _PARSERS: dict[str, Any] = {
     "error": _error,
     "input_audio_buffer.speech_started": lambda e: SpeechStarted(),
     "input_audio_buffer.speech_stopped": _speech_stopped,
+    "input_audio_buffer.committed": lambda e: Committed(_str(e, "item_id")),
     "conversation.item.input_audio_transcription.completed": lambda e: TranscriptionCompleted(
         _str(e, "item_id"), _str(e, "transcript")),
     "conversation.item.input_audio_transcription.failed": _transcription_failed,
