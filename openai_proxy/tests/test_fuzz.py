@@ -35,14 +35,18 @@ EXAMPLES = int(os.environ.get("OPENAI_PROXY_FUZZ_EXAMPLES", "30"))
 
 # -- values -------------------------------------------------------------------------------------------
 
-# Finite numbers of ordinary size: non-finite and oversized numbers are checked by their own tests.
+# Numbers of every kind a peer can write: NaN and ±Infinity (json.dumps writes them as bare words, which
+# strict JSON refuses), doubles up to 1e308, and integers of hundreds of digits.
 _scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(2**53), max_value=2**53),
-    st.floats(min_value=-1e9, max_value=1e9, allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(),
     st.text(max_size=40),
 )
+#: JSON nested deeper than a recursive decoder goes (``RecursionError``), inside a message or alone.
+_deep = st.integers(min_value=900, max_value=5000).map(lambda n: "[" * n + "]" * n)
 _json = st.recursive(
     _scalars,
     lambda children: st.one_of(
@@ -60,7 +64,7 @@ _CLIENT_FIELDS = ["prompt", "speak", "think", "listen", "content", "message", "b
 
 @st.composite
 def _client_message(draw: st.DrawFn) -> str:
-    kind = draw(st.sampled_from(["valid", "shaped", "json", "text"]))
+    kind = draw(st.sampled_from(["valid", "shaped", "json", "text", "deep"]))
     if kind == "valid":
         message = draw(st.sampled_from([
             default_settings(),
@@ -82,6 +86,8 @@ def _client_message(draw: st.DrawFn) -> str:
         return json.dumps(message)
     if kind == "json":
         return json.dumps(draw(_json))
+    if kind == "deep":
+        return '{"type": "Settings", "agent": ' + draw(_deep) + "}"
     return draw(st.text(max_size=60))
 
 
@@ -99,9 +105,11 @@ _IDS = st.sampled_from(["resp_1", "resp_2", "item_1", "item_2", "call_1", "evt_1
 
 @st.composite
 def _upstream_frame(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["event", "event", "event", "json", "text"]))
+    kind = draw(st.sampled_from(["event", "event", "event", "json", "text", "deep"]))
     if kind == "json":
         return json.dumps(draw(_json)).encode()
+    if kind == "deep":
+        return ('{"type": "response.done", "response": ' + draw(_deep) + "}").encode()
     if kind == "text":
         return draw(st.text(max_size=40)).encode()
     event: dict[str, Any] = {"type": draw(st.sampled_from(_UPSTREAM_TYPES)), "event_id": draw(_IDS)}
@@ -142,7 +150,8 @@ _actions = st.lists(
         st.tuples(st.just("upstream"), _upstream_frame()),
         st.tuples(st.just("advance"), st.floats(min_value=0, max_value=3)),
     ),
-    max_size=30,
+    min_size=8,
+    max_size=40,
 )
 
 
@@ -201,8 +210,12 @@ class _Checks(SynchronousTestCase):
 _check = _Checks()
 
 
-def run_daemon(actions: list[tuple[str, Any]]) -> None:
-    """The fuzz target: drive ``actions`` into a fresh in-memory daemon and check what it did."""
+def run_daemon(actions: list[tuple[str, Any]], configured: bool = False) -> None:
+    """
+    The fuzz target: drive ``actions`` into a fresh in-memory daemon and check what it did.  With
+    ``configured`` the fuzzed client's session is configured first (so upstream events reach a session
+    that has an upstream), else the actions start from the Welcome.
+    """
     failures: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
@@ -214,14 +227,14 @@ def run_daemon(actions: list[tuple[str, Any]]) -> None:
     loop.__enter__()
     globalLogPublisher.addObserver(observe)
     try:
-        _drive(daemon, actions)
+        _drive(daemon, actions, configured)
     finally:
         globalLogPublisher.removeObserver(observe)
         loop.__exit__(None, None, None)
     _check.assertEqual(failures, [])
 
 
-def _drive(daemon: MemoryDaemon, actions: list[tuple[str, Any]]) -> None:
+def _drive(daemon: MemoryDaemon, actions: list[tuple[str, Any]], configured: bool) -> None:
     bystander = _client(daemon)
     bystander.send_json(default_settings())
     daemon.run_until(bystander.has("SettingsApplied"), "SettingsApplied")
@@ -229,6 +242,9 @@ def _drive(daemon: MemoryDaemon, actions: list[tuple[str, Any]]) -> None:
     victim = _client(daemon)
     [victim_side] = [p for p in daemon.registry._sessions
                      if p.session is not None and p.session.phase is s.Phase.AWAITING_SETTINGS]
+    if configured:
+        victim.send_json(default_settings())
+        daemon.run_until(victim.has("SettingsApplied"), "SettingsApplied")
 
     for action, value in actions:
         if action == "client":
@@ -284,10 +300,10 @@ _SHORT = EXAMPLES <= 30
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=_SHORT,
           database=None if _SHORT else settings.default.database,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(actions=_actions)
-def fuzz_daemon(actions: list[tuple[str, Any]]) -> None:
+@given(actions=_actions, configured=st.booleans())
+def fuzz_daemon(actions: list[tuple[str, Any]], configured: bool) -> None:
     """The hypothesis-driven target (``fuzz_daemon.hypothesis.fuzz_one_input`` for atheris)."""
-    run_daemon(actions)
+    run_daemon(actions, configured)
 
 
 class DaemonFuzzTests(SynchronousTestCase):
