@@ -14,6 +14,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
 
 from openai_proxy.config import Config, Limits
 from openai_proxy.functions import FunctionCaller
@@ -105,6 +106,17 @@ class Daemon:
             getattr(call.func, "__name__", "") == "_notify_bucket" for call in reactor.getDelayedCalls()
         ):
             yield wait(0.05)
+
+
+class DaemonTestCase(TestCase):
+    """A test case with an in-process daemon on loopback (:class:`Daemon`), stopped after the test."""
+
+    @defer.inlineCallbacks
+    def start(self, **config: Any) -> Any:
+        self.daemon = Daemon()
+        yield self.daemon.start(**config)
+        self.addCleanup(self.daemon.stop)
+        return self.daemon
 
 
 class TestClient(WebSocketClientProtocol):

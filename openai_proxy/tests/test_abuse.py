@@ -31,7 +31,7 @@ from openai_proxy import errors
 from openai_proxy import session as s
 from openai_proxy.config import Limits
 from openai_proxy.relay import CLIENT_NOT_READING, CLOSE_TIMEOUT, ClientProtocol, _Flow
-from openai_proxy.tests.helpers import Daemon, connect_client, default_settings, wait
+from openai_proxy.tests.helpers import DaemonTestCase, connect_client, default_settings, wait
 from openai_proxy.tests.test_memory import _MemoryTestCase
 
 KIB = 1024
@@ -105,15 +105,8 @@ def _held_by_transport(transport: Any) -> int:
     return len(handle.dataBuffer) - handle.offset + handle._tempDataLen
 
 
-class _LoopbackTestCase(TestCase):
+class _LoopbackTestCase(DaemonTestCase):
     timeout = 60
-
-    @defer.inlineCallbacks
-    def start(self, **config: Any) -> Any:
-        self.daemon = Daemon()
-        yield self.daemon.start(**config)
-        self.addCleanup(self.daemon.stop)
-        return self.daemon
 
     @defer.inlineCallbacks
     def until(self, predicate: Callable[[], bool], what: str, within: float = 15.0) -> Any:

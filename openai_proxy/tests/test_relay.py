@@ -18,18 +18,11 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from openai_proxy import errors
 from openai_proxy.config import Limits
-from openai_proxy.tests.helpers import Daemon, connect_client, default_settings, wait
+from openai_proxy.tests.helpers import DaemonTestCase, connect_client, default_settings, wait
 
 
-class _DaemonTestCase(TestCase):
+class _DaemonTestCase(DaemonTestCase):
     timeout = 20
-
-    @defer.inlineCallbacks
-    def start(self, **config: Any) -> Any:
-        self.daemon = Daemon()
-        yield self.daemon.start(**config)
-        self.addCleanup(self.daemon.stop)
-        return self.daemon
 
     @defer.inlineCallbacks
     def configured_client(self, settings: dict[str, Any] | None = None, **kw: Any) -> Any:

@@ -12,10 +12,10 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from openai_proxy.config import ConfigError, build_config
-from openai_proxy.tests.helpers import Daemon
+from openai_proxy.tests.helpers import DaemonTestCase
 from openai_proxy.web import origin_allowed
 
 
@@ -60,14 +60,12 @@ def upgrade_status(port: int, target: str, headers: dict[str, str] | None = None
     return status
 
 
-class _SiteTestCase(TestCase):
+class _SiteTestCase(DaemonTestCase):
     timeout = 20
 
     @defer.inlineCallbacks
     def start(self, **config: Any) -> Any:
-        self.daemon = Daemon()
-        yield self.daemon.start(**config)
-        self.addCleanup(self.daemon.stop)
+        yield super().start(**config)
         assert self.daemon.port is not None
         self.port = self.daemon.port.getHost().port
 
