@@ -966,12 +966,18 @@ def main() -> None:
         os.sched_setaffinity(0, {1})
     else:
         args.pin = False
+    several = any(int(p) > 1 for p in str(args.processes).split(",") if p.strip())
+    placement = "no pinning"
+    if args.pin:
+        placement = "proxy on core 0, generator on core 1"
+        if several:
+            placement += "; several proxies and the generator left to the kernel"
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(
         f"{platform.machine()} {platform.processor() or ''}, {cores} cores, "
         f"load {' '.join(load)}, Python {platform.python_version()}; "
-        f"{'proxy on core 0, generator on core 1' if args.pin else 'no pinning'}; "
+        f"{placement}; "
         f"{args.seconds:g} s window; latency in ms, CPU ms per session-second, RSS per session"
     )
     print(COLUMNS, flush=True)
