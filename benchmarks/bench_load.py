@@ -38,12 +38,17 @@ never came out; ``late`` is the share of frames (client frames up, deltas down) 
 audio came out more than ``--late-ms`` after it was sent.
 
 CPU is user + system time of the proxy's whole process tree (``/proc``) over the window, per
-session-second; RSS is the tree's peak resident memory in the window minus its RSS before the clients
-connected, per session.  ``gen`` is this process's CPU share, to tell a saturated generator from a
-slow proxy.  With two or more cores the proxy is pinned to core 0 and this process to core 1
-(``--no-pin`` to leave placement to the kernel).  ``--processes N`` starts N proxies sharing one port
-(``--listen reuseport:...``, left unpinned) when the daemon has that endpoint, and otherwise says
-that it was not measured.
+session-second (``sys``: the kernel's share of it); RSS is the tree's peak resident memory in the
+window minus its RSS before the clients connected, per session.  ``gen`` is this process's CPU share,
+to tell a saturated generator from a slow proxy.  With two or more cores the proxy is pinned to
+core 0 and this process to core 1 (``--no-pin`` to leave placement to the kernel).
+
+``--processes N`` starts N proxies sharing one port (``--listen reuseport:...``) when the daemon has
+that endpoint, and otherwise says that it was not measured; ``--processes 1,2`` measures each count
+in the same run (every count then listens with ``reuseport:``), and prints each process's share of a
+core, which shows how evenly the kernel spread the sessions.  One process is pinned as above; with
+several, the proxies and this process are all left to the kernel, so on a 2-core machine the
+generator shares the cores with the proxies.
 
 These are figures, not assertions.  Linux only (``/proc``).
 """
@@ -589,8 +594,9 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def tree_cpu_seconds(roots: list[int]) -> float:
-    total = 0
+def tree_cpu_seconds(roots: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of the process trees under ``roots``."""
+    user = system = 0
     for root in roots:
         for pid in process_tree(root):
             try:
@@ -598,8 +604,9 @@ def tree_cpu_seconds(roots: list[int]) -> float:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
 def tree_rss_kib(roots: list[int]) -> float:
@@ -717,6 +724,9 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
         UpstreamFactory(run)
     )
     proxy = Proxy(template, processes, args.pin, workdir, name)
+    if args.pin:
+        # One proxy: it has core 0, the generator core 1.  Several: the kernel places them all.
+        os.sched_setaffinity(0, {1} if processes == 1 else set(range(os.cpu_count() or 1)))
     pacer = task.LoopingCall(run.tick)
     pacer.clock = reactor
     try:
@@ -745,6 +755,7 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
         pacer.start(TICK, now=False)
         yield wait(reactor, window_start - time.monotonic())
         cpu0, own0 = tree_cpu_seconds(proxy.pids), own_cpu_seconds()
+        each0 = [sum(tree_cpu_seconds([pid])) for pid in proxy.pids]
         rss_peak = rss_before
         samples: list[tuple[float, float]] = []
         while time.monotonic() < run.window[1]:
@@ -752,7 +763,10 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
             rss = tree_rss_kib(proxy.pids)
             rss_peak = max(rss_peak, rss)
             samples.append((time.monotonic() - window_start, rss))
-        cpu = tree_cpu_seconds(proxy.pids) - cpu0
+        cpu1 = tree_cpu_seconds(proxy.pids)
+        each = [sum(tree_cpu_seconds([pid])) - c for pid, c in zip(proxy.pids, each0, strict=True)]
+        cpu = (cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1])
+        cpu_system = cpu1[1] - cpu0[1]
         own = own_cpu_seconds() - own0
         # Let the audio of the window come out, then count what did not.
         yield wait(reactor, args.drain)
@@ -775,6 +789,9 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
         "sessions": count,
         "configured": configured,
         "cpu": cpu * 1000 / (count * seconds),
+        "sys": cpu_system / cpu * 100 if cpu > 0 else 0.0,
+        "processes": processes,
+        "per_process": [c / seconds * 100 for c in each],
         "rss": (rss_peak - rss_before) / count,
         "rss_before": rss_before,
         "samples": samples,
@@ -796,7 +813,7 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
 COLUMNS = (
     f"{'':<7} {'N':>4} {'up p50':>7} {'p99':>6} {'max':>6} {'down p50':>8} {'p99':>6} {'max':>6} "
     f"{'CPU/s-s':>8} {'RSS/s':>8} {'app/s':>5} {'lost up/dn ms':>13} {'late up/dn %':>12} "
-    f"{'gen':>4} {'err':>3}"
+    f"{'gen':>4} {'err':>3} {'sys':>4}"
 )
 
 
@@ -806,7 +823,7 @@ def row(r: dict[str, Any]) -> str:
         f"{r['name'][:7]:<7} {r['sessions']:>4} {up[0]:>7.2f} {up[1]:>6.1f} {up[2]:>6.0f} {dn[0]:>8.2f} "
         f"{dn[1]:>6.1f} {dn[2]:>6.0f} {r['cpu']:>5.2f} ms {r['rss']:>4.0f} KiB {r['appends']:>5.1f} "
         f"{r['lost_up']:>6.0f}/{r['lost_down']:<6.0f} {r['late_up']:>5.1f}/{r['late_down']:<6.1f} "
-        f"{r['gen']:>3.0f}% {r['errors']:>3}"
+        f"{r['gen']:>3.0f}% {r['errors']:>3} {r['sys']:>3.0f}%"
     )
 
 
@@ -847,16 +864,21 @@ def proxies(args: argparse.Namespace) -> list[tuple[str, str]]:
 def main_run(reactor: Any, args: argparse.Namespace) -> Any:
     counts = [int(c) for c in args.sessions.split(",") if c.strip()]
     commands = proxies(args)
-    processes = args.processes
-    if processes > 1:
+    process_counts = [int(p) for p in str(args.processes).split(",") if p.strip()]
+    if max(process_counts) > 1:
         if not reuseport_supported():
-            print(f"--processes {processes}: not measured: needs the reuseport endpoint")
-            processes = 1
+            print(f"--processes {args.processes}: not measured: needs the reuseport endpoint")
+            process_counts = [1]
         else:
+            # Every process count listens the same way, so that only the number of processes differs.
             commands = [
                 (label, cmd.replace("--listen tcp:{port}:", "--listen reuseport:{port}:"))
                 for label, cmd in commands
             ]
+    if len(process_counts) > 1:
+        commands = [(f"{label}x{p}", cmd, p) for label, cmd in commands for p in process_counts]
+    else:
+        commands = [(label, cmd, process_counts[0]) for label, cmd in commands]
     rows: list[tuple[dict[str, Any] | None, dict[str, Any]]] = []
     workdir = tempfile.mkdtemp(prefix="bench-load-")
     if args.keep_logs:
@@ -868,10 +890,13 @@ def main_run(reactor: Any, args: argparse.Namespace) -> Any:
                 floor = yield measure(reactor, args, args.floor_cmd, "floor", count, 1, workdir,
                                       args.seconds)
                 print(row(floor), flush=True)
-            for label, command in commands:
+            for label, command, processes in commands:
                 result = yield measure(reactor, args, command, label, count, processes, workdir,
                                        args.soak or args.seconds)
                 print(row(result), flush=True)
+                if processes > 1:
+                    shares = " / ".join(f"{c:.0f}%" for c in result["per_process"])
+                    print(f"        {processes} processes, each one's share of a core: {shares}")
                 if result["first_error"]:
                     print(f"        first error: {result['first_error']}")
                 rows.append((floor, result))
@@ -888,7 +913,7 @@ def main_run(reactor: Any, args: argparse.Namespace) -> Any:
         print(row(result))
         if floor is not None:
             print(ratio(result, floor))
-    for label, _ in commands:
+    for label, _, _ in commands:
         good = [r["sessions"] for _, r in rows if r["name"] == label and r["up"][1] < 20
                 and r["down"][1] < 20 and r["configured"] == r["sessions"]]
         print(f"\n{label}: largest N with p99 < 20 ms both ways: {max(good) if good else 'none'}")
@@ -920,8 +945,9 @@ def main() -> None:
                         "repeat to compare several in one run; default: the installed daemon")
     parser.add_argument("--floor-cmd", default=DEFAULT_FLOOR, help="command template of the floor relay")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="proxy processes sharing the port (needs --listen reuseport:)")
+    parser.add_argument("--processes", default="1",
+                        help="proxy processes sharing the port (--listen reuseport:); a comma-separated "
+                        "list (1,2) measures each count in the same run (default 1)")
     parser.add_argument("--reply-every", type=float, default=5.0, help="seconds between replies (5)")
     parser.add_argument("--reply-ms", type=int, default=1000, help="audio per reply in ms (1000)")
     parser.add_argument("--late-ms", type=float, default=20.0, help="a frame later than this is late (20)")
@@ -940,12 +966,18 @@ def main() -> None:
         os.sched_setaffinity(0, {1})
     else:
         args.pin = False
+    several = any(int(p) > 1 for p in str(args.processes).split(",") if p.strip())
+    placement = "no pinning"
+    if args.pin:
+        placement = "proxy on core 0, generator on core 1"
+        if several:
+            placement += "; several proxies and the generator left to the kernel"
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(
         f"{platform.machine()} {platform.processor() or ''}, {cores} cores, "
         f"load {' '.join(load)}, Python {platform.python_version()}; "
-        f"{'proxy on core 0, generator on core 1' if args.pin else 'no pinning'}; "
+        f"{placement}; "
         f"{args.seconds:g} s window; latency in ms, CPU ms per session-second, RSS per session"
     )
     print(COLUMNS, flush=True)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import numpy as np
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
@@ -261,11 +262,21 @@ def _no_delay(transport: Any) -> None:
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 
 
+#: From this many bytes on (an append of 20 ms of audio is about 1.4 KB) masking runs in numpy,
+#: about twice as fast there as the integer XOR below; under it numpy's per-call cost eats the gain.
+_NUMPY_MASK_BYTES = 1024
+
+
 def _xor_mask(payload: bytes, key: bytes) -> bytes:
     """RFC 6455 §5.3 masking (its own inverse): ``payload`` XOR ``key`` repeated."""
     n = len(payload)
     if not n:
         return payload
+    if n >= _NUMPY_MASK_BYTES:
+        # Whole 4-byte words, each XORed with the key read the same way (byte order cancels out).
+        padded = payload + bytes(-n % 4)
+        words = np.frombuffer(padded, dtype=np.uint32) ^ np.frombuffer(key, dtype=np.uint32)[0]
+        return words.tobytes()[:n]
     stream = (key * (n // 4 + 1))[:n]
     return (int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
 

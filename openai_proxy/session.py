@@ -845,9 +845,12 @@ class Session:
             return
         for chunk in self._batcher.add(converted):
             self._append(chunk)
-        if self._batcher.pending_ms > 0 and APPEND_FLUSH_TIMER not in self._emit.timers:
-            self._start_timer(APPEND_FLUSH_TIMER, APPEND_FLUSH_SECONDS)
-        elif self._batcher.pending_ms == 0:
+        # Per frame: the flush timer is only touched when its state changes.
+        armed = APPEND_FLUSH_TIMER in self._emit.timers
+        if self._batcher.pending_ms > 0:
+            if not armed:
+                self._start_timer(APPEND_FLUSH_TIMER, APPEND_FLUSH_SECONDS)
+        elif armed:
             self._cancel_timer(APPEND_FLUSH_TIMER)
 
     def _append(self, chunk: bytes) -> None:

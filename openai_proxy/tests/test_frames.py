@@ -195,11 +195,19 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(server.received, [(b"x", True)])
 
     @settings(max_examples=50, deadline=None)
-    @given(payload=st.binary(max_size=300), key=st.binary(min_size=4, max_size=4))
+    @given(payload=st.binary(max_size=3000), key=st.binary(min_size=4, max_size=4))
     def test_masking_matches_autobahn(self, payload: bytes, key: bytes) -> None:
         masker = create_xor_masker(key, len(payload))
         self.assertEqual(_xor_mask(payload, key), masker.process(payload) if payload else b"")
         self.assertEqual(_xor_mask(_xor_mask(payload, key), key), payload)
+
+    def test_masking_both_ways_of_computing_it(self) -> None:
+        # Lengths around the switch to numpy and every remainder modulo 4.
+        key = b"\x12\x34\xab\xcd"
+        for n in (1, 2, 3, 4, 5, 1019, 1020, 1021, 1022, 1023, 1024, 1025, 1026, 1027, 1028, 1400, 4099):
+            payload = os.urandom(n)
+            expected = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            self.assertEqual(_xor_mask(payload, key), expected, n)
 
 
 class RefusalTests(SynchronousTestCase):
