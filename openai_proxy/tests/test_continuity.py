@@ -598,3 +598,18 @@ class HeldAudioTests(unittest.TestCase):
             HeldAudio(max_bytes=1, frame_bytes=2)
         with self.assertRaises(ValueError):
             HeldAudio(max_bytes=10, frame_bytes=0)
+
+
+class AnnouncedExpiryTests(unittest.SynchronousTestCase):
+    def test_an_expiry_under_a_second_away_is_not_believed(self) -> None:
+        """A clock far off the upstream's, or whole-second rounding, must not roll every session over
+        at once."""
+        from openai_proxy.continuity import MIN_ANNOUNCED_AGE, UPSTREAM_MAX_AGE, RolloverSchedule
+
+        for expires_in in (0.0, 0.3, MIN_ANNOUNCED_AGE - 0.01, -5.0):
+            schedule = RolloverSchedule.for_session(100.0, created_at_wall=1000.0,
+                                                    expires_at=1000.0 + expires_in)
+            self.assertEqual(schedule.max_age, UPSTREAM_MAX_AGE, expires_in)
+            self.assertEqual(schedule.action(100.5, quiet=True).value, "none")
+        short = RolloverSchedule.for_session(100.0, created_at_wall=1000.0, expires_at=1004.0)
+        self.assertEqual(short.max_age, 4.0)
