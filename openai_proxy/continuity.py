@@ -438,7 +438,7 @@ class RolloverAction(enum.Enum):
 
 
 #: The shortest session life (seconds) an ``expires_at`` is believed for (see :meth:`RolloverSchedule.for_session`).
-MIN_ANNOUNCED_AGE = 1.0
+MIN_ANNOUNCED_AGE = 0.5
 
 
 @dataclass(frozen=True)
@@ -484,8 +484,8 @@ class RolloverSchedule:
         proportion, so a 10-second session rolls over after about 9.2 s, forced at about 9.7 s.
         """
         max_age = UPSTREAM_MAX_AGE
-        # An expiry under a second away (a clock far off the upstream's, or whole-second rounding) is
-        # not believed: it would roll every new session over at once, in a loop.
+        # An expiry under half a second away (a clock far off the upstream's, or whole-second rounding)
+        # is not believed: it would roll every new session over at once, in a loop.
         if (expires_at is not None and math.isfinite(expires_at)
                 and expires_at - created_at_wall >= MIN_ANNOUNCED_AGE):
             max_age = min(expires_at - created_at_wall, UPSTREAM_MAX_AGE)

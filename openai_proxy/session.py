@@ -649,8 +649,10 @@ class Session:
             else:
                 self._next_attempt(reason)
             return
-        # A rollover: the current session still serves; try again shortly (forced at the deadline).
+        # A rollover: the current session still serves; try again shortly (forced at the deadline), not
+        # at the next quiet moment.
         self._count("rollovers_failed")
+        self._rollover_due = False
         self._release_hold()
         self._start_timer(ROLLOVER_TIMER, ROLLOVER_RETRY_SECONDS)
 

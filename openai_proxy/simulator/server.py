@@ -60,7 +60,6 @@ import binascii
 import copy
 import hmac
 import json
-import math
 import re
 import secrets
 import string
@@ -548,8 +547,7 @@ class SimulatedSession:
         self.audio_chunk_ms = audio_chunk_ms
         self.chunk_interval = chunk_interval
         self.max_session_seconds = max_session_seconds
-        # GA's expires_at is whole seconds; rounding up never announces less life than there is.
-        expires_at = math.ceil(clock.seconds() + max_session_seconds)
+        expires_at = int(clock.seconds() + max_session_seconds)
         self.config = default_session(self.id, model, expires_at)
         self.configured = False
         self.audio_produced = False

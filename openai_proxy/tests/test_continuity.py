@@ -603,7 +603,7 @@ class HeldAudioTests(unittest.TestCase):
 class AnnouncedExpiryTests(unittest.SynchronousTestCase):
     def test_an_expiry_under_a_second_away_is_not_believed(self) -> None:
         """A clock far off the upstream's, or whole-second rounding, must not roll every session over
-        at once."""
+        at once (no rollover loop)."""
         from openai_proxy.continuity import MIN_ANNOUNCED_AGE, UPSTREAM_MAX_AGE, RolloverSchedule
 
         for expires_in in (0.0, 0.3, MIN_ANNOUNCED_AGE - 0.01, -5.0):

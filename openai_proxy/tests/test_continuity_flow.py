@@ -355,6 +355,27 @@ class RolloverTests(_ContinuityTestCase):
         del session
         self.closeAndCheck(daemon, client)
 
+    def test_failed_forced_rollover_is_retried_after_the_retry_delay(self) -> None:
+        """A rollover that waited for quiet, was forced, and whose new session dropped is tried again
+        after ROLLOVER_RETRY_SECONDS, not at the next quiet moment (no burst of new sessions)."""
+        from openai_proxy.session import ROLLOVER_RETRY_SECONDS
+
+        daemon = self.start(max_session_seconds=60.0,
+                            drops=(DropRule(event="session.update", session=2),))
+        client = daemon.configured_client()
+        self.turn(daemon, client, FIRST)
+        long_text = "Please repeat this long sentence about the wide and deep blue sea " * 3
+        daemon.advance(self.soft_deadline(daemon) - 1.0 - daemon.reactor.seconds())
+        client.send_json({"type": "InjectUserMessage", "content": long_text})
+        daemon.run_until(lambda: self.stats(daemon).get("rollovers_failed") == 1, "the failed rollover")
+        self.assertEqual(self.stats(daemon).get("rollovers_forced"), 1)
+        self.assertEqual(daemon.simulator.opened, 2)
+        # The reply was cut: the session is quiet at once, and still no new session is opened early.
+        daemon.advance(ROLLOVER_RETRY_SECONDS - 0.05)
+        self.assertEqual(daemon.simulator.opened, 2)
+        self.assertEqual(self.warnings(client), [])
+        self.closeAndCheck(daemon, client)
+
     def test_drop_during_a_rollover(self) -> None:
         daemon = self.start(max_session_seconds=60.0,
                             drops=(DropRule(event="session.update", session=2),))
