@@ -333,10 +333,7 @@ class _FastFrames:
     def _connectionLost(self, reason: Any) -> None:
         # Autobahn leaves the closing-handshake timer running when the connection is lost before
         # the peer answered the close; it would keep the protocol alive until it fires.
-        call = getattr(self, "closeHandshakeTimeoutCall", None)
-        if call is not None:
-            self.closeHandshakeTimeoutCall = None
-            call.cancel()
+        cancel_close_handshake_timer(self)
         super()._connectionLost(reason)  # type: ignore[misc]
 
     def _message_size_allowed(self, length: int) -> bool:
