@@ -59,6 +59,7 @@ from openai_proxy.functions import FunctionCaller
 from openai_proxy.metrics import KNOWN_CODES, SAMPLE_EVERY, Metrics, SessionMeter, bounded
 from openai_proxy.telemetry import REDACTED, parse_trace_id, redact
 from openai_proxy.translate import messages as m
+from openai_proxy.writeturn import WriteTurn, sends_directly, write_turn
 from openai_proxy.wsclose import cancel_close_handshake_timer
 
 _log = Logger(namespace="openai_proxy")
@@ -327,10 +328,37 @@ class _FastFrames:
     #: Whether frames this side sends are masked (a client's must be).
     _masks_outgoing = False
 
+    #: Where fast-path frames wait for the end of the reactor turn (plain TCP transports only).
+    _turn: WriteTurn | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()  # type: ignore[misc]
+        # No Nagle delay, and frames through the reactor's write turn where the transport is plain TCP.
+        _no_delay(self.transport)
+        if sends_directly(self.transport):
+            self._turn = write_turn(self.factory.reactor)  # type: ignore[attr-defined]
+
     def dataReceived(self, data: bytes) -> None:
         self._dataReceived(data)  # type: ignore[attr-defined]
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's own writes (handshake, close, ping, pong, fragments) must not overtake the frames
+        # queued in this turn.
+        if self._turn is not None:
+            self._turn.flush_transport(self.transport)
+        super().sendData(data, sync, chopsize)  # type: ignore[misc]
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        if self._turn is not None:
+            if abort:
+                self._turn.discard(self.transport)
+            else:
+                self._turn.flush_transport(self.transport)
+        super()._closeConnection(abort)  # type: ignore[misc]
+
     def _connectionLost(self, reason: Any) -> None:
+        if self._turn is not None:
+            self._turn.discard(self.transport)
         # Autobahn leaves the closing-handshake timer running when the connection is lost before
         # the peer answered the close; it would keep the protocol alive until it fires.
         cancel_close_handshake_timer(self)
@@ -412,11 +440,13 @@ class _FastFrames:
             opcode = 0x82 if isBinary else 0x81
             if self._masks_outgoing:
                 key = random.getrandbits(32).to_bytes(4, "little")
-                self.transport.write(
-                    _frame_header(opcode, len(payload), 0x80) + key + _xor_mask(payload, key)
-                )
+                frame = _frame_header(opcode, len(payload), 0x80) + key + _xor_mask(payload, key)
             else:
-                self.transport.write(_frame_header(opcode, len(payload), 0) + payload)
+                frame = _frame_header(opcode, len(payload), 0) + payload
+            if self._turn is not None:
+                self._turn.write(self.transport, frame)
+            else:
+                self.transport.write(frame)
             return
         super().sendMessage(  # type: ignore[misc]
             payload, isBinary, fragmentSize=fragmentSize, sync=sync, doNotCompress=doNotCompress
@@ -434,7 +464,6 @@ class UpstreamProtocol(_FastFrames, WebSocketClientProtocol):  # type: ignore[mi
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        _no_delay(self.transport)
         self._lost_reason: Failure | None = None
 
     def connectionLost(self, reason: Failure = internet_error.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -667,6 +696,8 @@ class UpstreamLink:
 def _abort(protocol: WebSocketClientProtocol) -> None:
     transport: Any = protocol.transport
     if transport is not None and getattr(transport, "connected", False):
+        if protocol._turn is not None:
+            protocol._turn.discard(transport)
         transport.abortConnection()
 
 
@@ -819,7 +850,6 @@ class ClientProtocol(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        _no_delay(self.transport)
         clock = self.factory.clock
         self._faults = _FaultLog(clock)
         self.flow = _Flow(clock, self.factory.config.limits.client_stall_timeout, self._stalled)

@@ -157,6 +157,10 @@ class _WebSocketRoute(Resource):
             request.setResponseCode(403)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"origin not allowed\n"
+        connection = request.channel.transport
+        if isinstance(connection, _PendingConnection):
+            # The session talks to the connection beneath the wrapper (the TCP or TLS transport).
+            request.channel.transport = connection.take_over()
         return self._websocket.render(request)
 
 
@@ -234,6 +238,21 @@ class _PendingConnection(ProtocolWrapper):
     def _upgraded(self) -> None:
         self._stop_pending()
         self._http = None  # type: ignore[assignment]
+
+    def take_over(self) -> Any:
+        """
+        The connection is becoming a WebSocket session: it stops being pending and this wrapper leaves
+        the chain, so that the session's reads and writes do not pass through it (one call less per
+        message, and the session sees the TCP transport itself).  Returns the transport beneath (TCP,
+        or TLS over TCP), now delivering to the HTTP channel until ``WebSocketResource`` hands it on.
+        """
+        self._upgraded()
+        transport: Any = self.transport
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = self.wrappedProtocol
+        else:
+            transport.protocol = self.wrappedProtocol
+        return transport
 
     def _stop_pending(self) -> None:
         if self.pending:
