@@ -693,7 +693,7 @@ class UpstreamLink:
         self._owner = None
 
 
-def _abort(protocol: WebSocketClientProtocol) -> None:
+def _abort(protocol: UpstreamProtocol) -> None:
     transport: Any = protocol.transport
     if transport is not None and getattr(transport, "connected", False):
         if protocol._turn is not None:

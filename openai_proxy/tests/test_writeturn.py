@@ -15,8 +15,8 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
 from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.task import Clock
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
