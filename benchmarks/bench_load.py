@@ -50,6 +50,14 @@ core, which shows how evenly the kernel spread the sessions.  One process is pin
 several, the proxies and this process are all left to the kernel, so on a 2-core machine the
 generator shares the cores with the proxies.
 
+``--cpu-budget F`` gives every proxy process (the floor's too) a CPU budget of its own, ``F`` of one
+core, through a Linux control group (``cpu.cfs_quota_us`` under cgroup v1, ``cpu.max`` under v2; needs
+root; the period is 10 ms, so a process over its budget waits at most that long), and leaves every process
+to the kernel.  With ``F`` small enough that the proxies and the generator all fit on the machine
+(``--processes 1,2 --cpu-budget 0.4`` on 2 cores: 0.8 of a core for the proxies), it measures what N
+processes carry against one, each with the same CPU, on a machine that cannot give each of them a whole
+core of its own besides the generator's.
+
 These are figures, not assertions.  Linux only (``/proc``).
 """
 
@@ -630,10 +638,58 @@ def wait(reactor: Any, seconds: float) -> defer.Deferred[None]:
     return task.deferLater(reactor, max(0.0, seconds), lambda: None)
 
 
+#: The scheduling period of a CPU budget (µs): a process that spent its budget waits at most this long.
+BUDGET_PERIOD_US = 10_000
+
+
+class CpuBudget:
+    """
+    A Linux control group that holds a process (and its children) to ``share`` of one core (0 < share).
+    cgroup v1 (``/sys/fs/cgroup/cpu``) or v2 (``/sys/fs/cgroup`` with the ``cpu`` controller); raises
+    ``OSError`` where neither can be written (not root, no cpu controller).
+    """
+
+    def __init__(self, share: float, name: str) -> None:
+        quota = max(1000, int(share * BUDGET_PERIOD_US))
+        v1 = "/sys/fs/cgroup/cpu"
+        if os.path.exists(os.path.join(v1, "cpu.cfs_quota_us")):
+            self.path = os.path.join(v1, name)
+            os.mkdir(self.path)
+            self._write("cpu.cfs_period_us", str(BUDGET_PERIOD_US))
+            self._write("cpu.cfs_quota_us", str(quota))
+        else:
+            self.path = os.path.join("/sys/fs/cgroup", name)
+            os.mkdir(self.path)
+            self._write("cpu.max", f"{quota} {BUDGET_PERIOD_US}")
+
+    def _write(self, name: str, value: str) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def enter(self) -> None:
+        """Move the calling process into the group (from a child before it runs the proxy)."""
+        self._write("cgroup.procs", str(os.getpid()))
+
+    def throttled_ms(self) -> float:
+        """Time the group's processes waited for budget so far (ms)."""
+        with open(os.path.join(self.path, "cpu.stat")) as f:
+            stats = dict(line.split() for line in f if line.strip())
+        if "throttled_time" in stats:  # v1, ns
+            return int(stats["throttled_time"]) / 1e6
+        return int(stats.get("throttled_usec", 0)) / 1e3
+
+    def remove(self) -> None:
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+
 class Proxy:
     """A proxy started from a command template, on core 0 when pinning."""
 
-    def __init__(self, template: str, processes: int, pin: bool, workdir: str, name: str) -> None:
+    def __init__(self, template: str, processes: int, pin: bool, workdir: str, name: str,
+                 budget: float = 0.0) -> None:
         self.template = template
         self.processes = processes
         self.pin = pin
@@ -641,6 +697,8 @@ class Proxy:
         self.name = name
         self.children: list[subprocess.Popen[bytes]] = []
         self.port = 0
+        self.budget = budget
+        self.budgets: list[CpuBudget] = []
 
     def start(self, upstream_port: int) -> None:
         self.port = free_port()
@@ -658,17 +716,28 @@ class Proxy:
         # Several processes are meant to use several cores: they are left to the kernel.
         pin = self.pin and self.processes == 1
 
-        def placement() -> None:
-            if pin:
-                os.sched_setaffinity(0, {0})
-
         for n in range(self.processes):
+            budget = None
+            if self.budget:
+                budget = CpuBudget(self.budget, f"bench-load-{os.getpid()}-{self.name}-{n}")
+                self.budgets.append(budget)
+
+            def placement(budget: CpuBudget | None = budget) -> None:
+                if pin:
+                    os.sched_setaffinity(0, {0})
+                if budget is not None:
+                    budget.enter()
+
             log = open(os.path.join(self.workdir, f"{self.name}-{n}.log"), "ab")
             self.children.append(
                 subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  cwd=self.workdir, env=env, preexec_fn=placement)
             )
             log.close()
+
+    def throttled_ms(self) -> float:
+        """Time the proxy's processes waited for their CPU budget so far (ms; 0 without budgets)."""
+        return sum(budget.throttled_ms() for budget in self.budgets)
 
     @property
     def pids(self) -> list[int]:
@@ -702,6 +771,9 @@ class Proxy:
             if child.poll() is None:
                 child.kill()
                 child.wait(5)
+        for budget in self.budgets:
+            budget.remove()
+        self.budgets = []
 
 
 def twistd() -> str:
@@ -723,7 +795,7 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
     upstream_port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
         UpstreamFactory(run)
     )
-    proxy = Proxy(template, processes, args.pin, workdir, name)
+    proxy = Proxy(template, processes, args.pin, workdir, name, args.cpu_budget)
     if args.pin:
         # One proxy: it has core 0, the generator core 1.  Several: the kernel places them all.
         os.sched_setaffinity(0, {1} if processes == 1 else set(range(os.cpu_count() or 1)))
@@ -755,6 +827,7 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
         pacer.start(TICK, now=False)
         yield wait(reactor, window_start - time.monotonic())
         cpu0, own0 = tree_cpu_seconds(proxy.pids), own_cpu_seconds()
+        throttled0 = proxy.throttled_ms()
         each0 = [sum(tree_cpu_seconds([pid])) for pid in proxy.pids]
         rss_peak = rss_before
         samples: list[tuple[float, float]] = []
@@ -768,6 +841,7 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
         cpu = (cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1])
         cpu_system = cpu1[1] - cpu0[1]
         own = own_cpu_seconds() - own0
+        throttled = proxy.throttled_ms() - throttled0
         # Let the audio of the window come out, then count what did not.
         yield wait(reactor, args.drain)
         pacer.stop()
@@ -792,6 +866,7 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
         "sys": cpu_system / cpu * 100 if cpu > 0 else 0.0,
         "processes": processes,
         "per_process": [c / seconds * 100 for c in each],
+        "throttled": throttled / seconds / 10,  # % of the window, summed over the processes
         "rss": (rss_peak - rss_before) / count,
         "rss_before": rss_before,
         "samples": samples,
@@ -897,6 +972,9 @@ def main_run(reactor: Any, args: argparse.Namespace) -> Any:
                 if processes > 1:
                     shares = " / ".join(f"{c:.0f}%" for c in result["per_process"])
                     print(f"        {processes} processes, each one's share of a core: {shares}")
+                if args.cpu_budget:
+                    print(f"        waited for the CPU budget: {result['throttled']:.1f}% of the window "
+                          "(all processes)")
                 if result["first_error"]:
                     print(f"        first error: {result['first_error']}")
                 rows.append((floor, result))
@@ -948,6 +1026,9 @@ def main() -> None:
     parser.add_argument("--processes", default="1",
                         help="proxy processes sharing the port (--listen reuseport:); a comma-separated "
                         "list (1,2) measures each count in the same run (default 1)")
+    parser.add_argument("--cpu-budget", type=float, default=0.0,
+                        help="give every proxy process its own CPU budget, this share of one core "
+                        "(a control group; needs root), and leave placement to the kernel")
     parser.add_argument("--reply-every", type=float, default=5.0, help="seconds between replies (5)")
     parser.add_argument("--reply-ms", type=int, default=1000, help="audio per reply in ms (1000)")
     parser.add_argument("--late-ms", type=float, default=20.0, help="a frame later than this is late (20)")
@@ -962,12 +1043,16 @@ def main() -> None:
         args.sample_every = max(args.sample_every, 10.0)
         args.no_floor = True
     cores = os.cpu_count() or 1
+    if args.cpu_budget:
+        args.pin = False
     if args.pin and cores >= 2 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {1})
     else:
         args.pin = False
     several = any(int(p) > 1 for p in str(args.processes).split(",") if p.strip())
     placement = "no pinning"
+    if args.cpu_budget:
+        placement += f"; each proxy process held to {args.cpu_budget:g} of a core"
     if args.pin:
         placement = "proxy on core 0, generator on core 1"
         if several:
