@@ -21,7 +21,7 @@ What runs, all on loopback:
   WebSocket codec with pre-built frames (not Autobahn), so that the generator stays cheap next to what
   it measures.
 
-Traffic per session: ``Settings`` with linear16 16 kHz in, linear16 24 kHz out and one client-side
+Traffic per session: ``Settings`` with linear16 16 kHz in (``--input-rate``), linear16 24 kHz out and one client-side
 function declared; then 20 ms binary frames of 16 kHz linear16 at real-time pace, up; and down, every
 ``--reply-every`` seconds (staggered across sessions), one spoken reply: ``speech_started``,
 ``speech_stopped``, ``committed``, the user item and its transcript, ``response.created``, then
@@ -407,7 +407,8 @@ class FakeUpstream(WebSocketPeer):
             end = payload.find(b'"', start)
             size = (end - start) * 3 // 4 - payload[end - 2 : end].count(b"=")
             if session is not None:
-                session.appends += 1
+                if self.run.window[0] <= moment < self.run.window[1]:
+                    session.appends += 1
                 session.up.arrive(moment, size / PCM24_BYTES_PER_MS)
             return
         if session is None:
@@ -872,7 +873,7 @@ def measure(reactor: Any, args: argparse.Namespace, template: str, name: str, co
         "samples": samples,
         "up": (up50, up99, upmax),
         "down": (dn50, dn99, dnmax),
-        "appends": sum(s.appends for s in run.sessions) / (count * (seconds + args.drain)),
+        "appends": sum(s.appends for s in run.sessions) / (count * seconds),
         "lost_up": lost_up,
         "lost_down": lost_down,
         "late_up": run.up.late / max(1, run.up.frames) * 100,
@@ -1011,6 +1012,7 @@ def main_run(reactor: Any, args: argparse.Namespace) -> Any:
 
 
 def main() -> None:
+    global INPUT_RATE, UP_BYTES_PER_MS
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sessions", default="10,50,100,200",
                         help="comma-separated session counts, the ramp (default 10,50,100,200)")
@@ -1026,6 +1028,9 @@ def main() -> None:
     parser.add_argument("--processes", default="1",
                         help="proxy processes sharing the port (--listen reuseport:); a comma-separated "
                         "list (1,2) measures each count in the same run (default 1)")
+    parser.add_argument("--input-rate", type=int, default=INPUT_RATE,
+                        help="sample rate of the clients' linear16 audio, Hz (16000; 24000 is the "
+                        "upstream's own rate, so the daemon passes it through unconverted)")
     parser.add_argument("--cpu-budget", type=float, default=0.0,
                         help="give every proxy process its own CPU budget, this share of one core "
                         "(a control group; needs root), and leave placement to the kernel")
@@ -1039,6 +1044,8 @@ def main() -> None:
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not pin the proxy to core 0 and this process to core 1")
     args = parser.parse_args()
+    INPUT_RATE = args.input_rate
+    UP_BYTES_PER_MS = INPUT_RATE * 2 / 1000
     if args.soak:
         args.sample_every = max(args.sample_every, 10.0)
         args.no_floor = True
@@ -1063,7 +1070,7 @@ def main() -> None:
         f"{platform.machine()} {platform.processor() or ''}, {cores} cores, "
         f"load {' '.join(load)}, Python {platform.python_version()}; "
         f"{placement}; "
-        f"{args.seconds:g} s window; latency in ms, CPU ms per session-second, RSS per session"
+        f"{args.seconds:g} s window; clients at {INPUT_RATE} Hz; latency in ms, CPU ms per session-second, RSS per session"
     )
     print(COLUMNS, flush=True)
     task.react(lambda reactor: main_run(reactor, args))
