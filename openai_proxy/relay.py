@@ -305,6 +305,10 @@ class _FastFrames:
     masking direction, minimal length encoding, the size limits, and UTF-8 validity of text frames
     where ``utf8validateIncoming`` is on.  Autobahn's ``trafficStats`` are not updated for these
     frames (nothing in the daemon reads them).
+
+    On a plain TCP transport the frames :meth:`sendMessage` writes wait for the end of the reactor
+    turn (:mod:`openai_proxy.writeturn`); Autobahn's own writes and a graceful close send them first,
+    an abort drops them.
     """
 
     # Attributes the mixin reads from Autobahn's protocol classes.
