@@ -64,7 +64,7 @@ class Role(enum.Enum):
     ASSISTANT = "assistant"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Message:
     item_id: str
     role: Role
@@ -72,7 +72,7 @@ class _Message:
     text: str | None
 
 
-@dataclass
+@dataclass(slots=True)
 class _FunctionRound:
     """A function call and, once answered, its output: replayed or dropped together."""
 
@@ -130,8 +130,11 @@ class ReplayBudget:
 
 
 _CUT_MARK = " […]"
-#: The record keeps this many budgets' worth of the newest entries (see ``ConversationRecord._compact``).
-_RESERVE = 2
+#: Beyond one budget's worth of the newest entries, the record keeps this many more items and
+#: characters (see ``ConversationRecord._compact``): enough for the few recent items a barge-in
+#: deletes to be replaced by older ones, small next to the budget (memory per session, SPEC §7).
+_RESERVE_ITEMS = 8
+_RESERVE_CHARS = 6_000
 
 
 def _clip(text: str, limit: int) -> str:
@@ -193,8 +196,9 @@ class ConversationRecord:
     record does not hold (compacted away, see below) are ignored.
 
     Memory is bounded: after each addition, old entries are forgotten so that the record holds at most
-    twice the budget's text and items (and ``2 * max_items`` entries in all). A removal of recent
-    items can bring older ones back into the replay only within that reserve.
+    the budget's text and items plus a small reserve (8 items, 6 000 characters; ``max_items + 8``
+    entries in all). A removal of recent items can bring older ones back into the replay only within
+    that reserve.
     """
 
     def __init__(self, budget: ReplayBudget | None = None) -> None:
@@ -371,11 +375,12 @@ class ConversationRecord:
 
     def _compact(self) -> None:
         # Forget what no replay could carry any more: every entry older than the newest replayable
-        # ones that fill twice the budget (the reserve lets a removal of recent items, as after a
-        # barge-in, bring older ones back into reach). Messages without text (a user turn waiting for a
-        # transcript that may never come) are kept only among the newest entries.
+        # ones that fill the budget and its reserve (the reserve lets a removal of recent items, as
+        # after a barge-in, bring older ones back into reach). Messages without text (a user turn
+        # waiting for a transcript that may never come) are kept only among the newest entries.
         entries = self._entries
-        max_chars, max_items = _RESERVE * self.budget.max_chars, _RESERVE * self.budget.max_items
+        max_chars = self.budget.max_chars + _RESERVE_CHARS
+        max_items = self.budget.max_items + _RESERVE_ITEMS
         if len(entries) > max_items:
             cutoff = len(entries) - max_items
             stale = [e for e in entries[:cutoff] if not _replayable(e)]

@@ -15,6 +15,7 @@ from twisted.trial import unittest
 
 from openai_proxy import errors
 from openai_proxy.continuity import (
+    _RESERVE_ITEMS,
     BackoffPolicy,
     ConversationRecord,
     Failure,
@@ -239,7 +240,7 @@ class ReplayTests(unittest.TestCase):
             record.add_function_call(f"item_c{n}", f"call_{n}", "lookup", f'{{"n":{n}}}')
             record.add_function_output(f"item_o{n}", f"call_{n}", f"answer {n}")
             record.add_assistant_text(f"item_r{n}", f"reply {n}")
-            self.assertLessEqual(len(record), 2 * 40)
+            self.assertLessEqual(len(record), 40 + _RESERVE_ITEMS)
         self.assertGreater(record.forgotten, 4900 * 3)
         # A late output for a call forgotten long ago is ignored, not an error.
         record.add_function_output("item_late", "call_3", "late")
@@ -247,6 +248,22 @@ class ReplayTests(unittest.TestCase):
         self.assertEqual(summary(replay)[-1], ("message", "item_r4999", "assistant", "reply 4999"))
         self.assertEqual(replay.dropped, record.forgotten + len(record) -
                          sum(1 for s in summary(replay) if s[0] != "function_call_output"))
+        upstream_accepts(self, replay)
+
+    def test_the_reserve_refills_a_replay_after_recent_items_are_deleted(self) -> None:
+        # A barge-in deletes the unheard items at the end; older ones, kept in the reserve, take their
+        # place, so the replay still fills its item budget.
+        budget = ReplayBudget(max_chars=10_000, max_items=10, max_entry_chars=1000)
+        record = ConversationRecord(budget)
+        for n in range(30):
+            record.add_user_text(f"item_u{n}", f"question {n}")
+            record.add_assistant_text(f"item_r{n}", f"reply {n}")
+        self.assertEqual(len(record), 10 + _RESERVE_ITEMS)
+        record.remove("item_r29")
+        record.remove("item_u29")
+        replay = record.replay(event_ids())
+        self.assertEqual(replay.items, 10)
+        self.assertEqual(summary(replay)[-1], ("message", "item_r28", "assistant", "reply 28"))
         upstream_accepts(self, replay)
 
     def test_budget_settings_are_checked(self) -> None:
