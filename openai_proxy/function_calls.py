@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from openai_proxy.endpoint import Endpoint
 from openai_proxy.outputs import CallFunction, Emitter, TimerKey, TimerKind
+from openai_proxy.recent import RecentIds
 from openai_proxy.translate import messages as m
 from openai_proxy.translate.client import loads_strict
 
@@ -50,6 +51,11 @@ def arguments_parse(arguments: str) -> bool:
     return True
 
 
+#: Recently requested call ids remembered, so that a late duplicate of a call's done event requests
+#: nothing (the set must not grow with the session).
+RECENT_CALL_IDS = 256
+
+
 class FunctionCalls:
     """Every round of one session, by the id of the response that asked."""
 
@@ -60,7 +66,8 @@ class FunctionCalls:
         self._by_call: dict[str, str] = {}
         #: call_id -> (response_id, name, arguments) of calls whose item has not completed yet.
         self._pending: dict[str, tuple[str, str, str]] = {}
-        self._requested: set[str] = set()
+        #: Calls already requested (recent ones: a late duplicate done requests nothing).
+        self._requested = RecentIds(RECENT_CALL_IDS)
 
     def arguments_done(self, response_id: str, call_id: str, name: str | None,
                        arguments: str) -> None:

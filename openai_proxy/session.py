@@ -71,6 +71,7 @@ from openai_proxy.outputs import (  # noqa: F401  (re-exported: callers use sess
     TimerKey,
     TimerKind,
 )
+from openai_proxy.recent import RecentIds
 from openai_proxy.replies import Replies
 from openai_proxy.scheduling import ResponseRequest, ResponseState, Scheduler
 from openai_proxy.translate import client
@@ -111,6 +112,8 @@ MAX_WAITING_REQUESTS = 32
 MAX_INSTRUCTIONS_CHARS = 64 * 1024
 #: Housekeeping event ids remembered so that an upstream error answering one is recognised.
 MAX_HOUSEKEEPING_IDS = 64
+#: How many recent item ids the sets that guard against handling one twice remember.
+RECENT_IDS = 256
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,8 @@ class Session:
         #: When the user's turn ended (latency reference for AgentStartedSpeaking).
         self._turn_end: float | None = None
         self._first_text_at: float | None = None
-        self._texted_items: set[str] = set()
+        #: Assistant items whose ConversationText went out (a late duplicate done sends nothing).
+        self._texted_items = RecentIds(RECENT_IDS)
         # continuity (SPEC §8): upstream connections are numbered; the current one and a candidate
         self._record = ConversationRecord()
         #: Interrupted items whose text has not arrived yet → the share of their audio the user heard.
