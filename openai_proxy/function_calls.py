@@ -53,7 +53,7 @@ def arguments_parse(arguments: str) -> bool:
 
 #: Recently requested call ids remembered, so that a late duplicate of a call's done event requests
 #: nothing (the set must not grow with the session).
-RECENT_CALL_IDS = 256
+RECENT_CALL_IDS = 64
 
 
 class FunctionCalls:

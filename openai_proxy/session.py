@@ -113,7 +113,7 @@ MAX_INSTRUCTIONS_CHARS = 64 * 1024
 #: Housekeeping event ids remembered so that an upstream error answering one is recognised.
 MAX_HOUSEKEEPING_IDS = 64
 #: How many recent item ids the sets that guard against handling one twice remember.
-RECENT_IDS = 256
+RECENT_IDS = 64
 
 
 @dataclass(frozen=True)
