@@ -249,7 +249,7 @@ class Session:
         self._output: OutputConverter | None = None
         self._batcher: AppendBatcher | None = None
         #: Responses interrupted by barge-in: their assistant text is never sent (docs/protocol.md).
-        self._untexted_responses: deque[str] = deque(maxlen=32)
+        self._untexted_responses = RecentIds(32)
         # turn state
         self._user_speaking = False
         #: When the user's turn ended (latency reference for AgentStartedSpeaking).
@@ -1353,8 +1353,8 @@ class Session:
         """
         playing = self._replies.response_id if self._replies is not None else None
         for response_id in (self._scheduler.active_id, playing):
-            if response_id is not None and response_id not in self._untexted_responses:
-                self._untexted_responses.append(response_id)
+            if response_id is not None:
+                self._untexted_responses.add(response_id)
 
     # -- upstream input -----------------------------------------------------------------------------
 

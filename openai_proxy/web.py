@@ -185,15 +185,14 @@ _ABORT_AFTER = 2.0
 class _PendingConnection(ProtocolWrapper):
     """
     Wraps each connection of the site while it is pending (not a WebSocket session yet): counts it and
-    runs its request deadline.  Once ``WebSocketResource`` has taken the transport over (it replaces
-    ``wrappedProtocol``), the connection stops being pending and this wrapper only relays bytes.
+    runs its request deadline.  When the request is a WebSocket upgrade, :meth:`take_over` ends that
+    and takes this wrapper out of the chain: the session talks to the transport beneath it.
     """
 
     factory: _DaemonSite  # type: ignore[assignment]
 
     def __init__(self, factory: _DaemonSite, wrapped: IProtocol) -> None:
         super().__init__(factory, wrapped)  # type: ignore[arg-type]
-        self._http = wrapped
         self.pending = True
         #: Bytes received while pending.
         self.received = 0
@@ -209,12 +208,10 @@ class _PendingConnection(ProtocolWrapper):
         if self.pending:
             self.received += len(data)
         super().dataReceived(data)
-        if self.pending and self.wrappedProtocol is not self._http:
-            self._upgraded()
 
     def write(self, data: bytes) -> None:
         super().write(data)
-        if self.pending and self.wrappedProtocol is self._http:
+        if self.pending:
             # An answer went out: the next request on this connection gets a deadline of its own.
             self._restart_deadline()
 
@@ -226,7 +223,6 @@ class _PendingConnection(ProtocolWrapper):
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
         self._abort = None
-        self._http = None  # type: ignore[assignment]
         super().connectionLost(reason)
 
     def drop(self) -> None:
@@ -235,10 +231,6 @@ class _PendingConnection(ProtocolWrapper):
         transport: Any = self.transport
         transport.abortConnection()
 
-    def _upgraded(self) -> None:
-        self._stop_pending()
-        self._http = None  # type: ignore[assignment]
-
     def take_over(self) -> Any:
         """
         The connection is becoming a WebSocket session: it stops being pending and this wrapper leaves
@@ -246,7 +238,7 @@ class _PendingConnection(ProtocolWrapper):
         message, and the session sees the TCP transport itself).  Returns the transport beneath (TCP,
         or TLS over TCP), now delivering to the HTTP channel until ``WebSocketResource`` hands it on.
         """
-        self._upgraded()
+        self._stop_pending()
         transport: Any = self.transport
         if isinstance(transport, ProtocolWrapper):
             transport.wrappedProtocol = self.wrappedProtocol
