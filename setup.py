@@ -39,6 +39,9 @@ setup(
         # openai package's GA types.
         "simulator": ["openai>=2.0"],
         "otlp": ["opentelemetry-exporter-otlp-proto-http>=1.25"],
+        # Only for benchmarks/cpath_*.py and wsaccel_daemon.py: what compiled frame paths would cost
+        # (docs/performance.md); the daemon never imports them.
+        "cpath": ["picows>=2.0", "uvloop>=0.19", "wsaccel>=0.6"],
         "test": [
             "openai>=2.0",
             "deepgram-sdk>=7.17",
