@@ -55,6 +55,9 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
+from openai_proxy import resample
+from openai_proxy.resample import LowDelayResampler
+
 __all__ = [
     "SUPPORTED_INPUT_ENCODINGS",
     "SUPPORTED_OUTPUT_ENCODINGS",
@@ -66,6 +69,7 @@ __all__ = [
     "RESAMPLER_QUALITY",
     "INPUT_RESAMPLER_QUALITY",
     "QUICK_RESAMPLER_MIN_RATE",
+    "LOW_DELAY_RESAMPLER",
     "input_resampler_quality",
     "RESAMPLER_MAX_LAG_MS",
     "MAX_APPEND_AUDIO_BYTES",
@@ -99,6 +103,9 @@ RESAMPLER_QUALITY: Final = "HQ"
 INPUT_RESAMPLER_QUALITY: Final = "QQ"
 #: The lowest source rate that :data:`INPUT_RESAMPLER_QUALITY` serves.
 QUICK_RESAMPLER_MIN_RATE: Final = 16000
+#: Every other rate change of client audio: :class:`openai_proxy.resample.LowDelayResampler`, a short
+#: linear-phase filter that lags by at most 2 ms instead of libsoxr's blocks (module doc).
+LOW_DELAY_RESAMPLER: Final = "low-delay"
 #: Upper bound on how far converted output may trail its input while streaming (see module doc).
 RESAMPLER_MAX_LAG_MS: Final = 200.0
 #: Largest raw audio payload of one ``input_audio_buffer.append``: its base64 text plus the JSON
@@ -419,11 +426,14 @@ class _Transcoder:
         self._source_width = _sample_width(self._source_encoding)
         self._target_width = _sample_width(self._target_encoding)
         self._copy = source == target
-        self._resampler: soxr.ResampleStream | None = None
+        self._resampler: soxr.ResampleStream | LowDelayResampler | None = None
         if self._source_rate != self._target_rate:
-            self._resampler = soxr.ResampleStream(
-                self._source_rate, self._target_rate, 1, dtype="float32", quality=quality
-            )
+            if quality == LOW_DELAY_RESAMPLER:
+                self._resampler = LowDelayResampler(self._source_rate, self._target_rate)
+            else:
+                self._resampler = soxr.ResampleStream(
+                    self._source_rate, self._target_rate, 1, dtype="float32", quality=quality
+                )
         # Byte-for-byte table transcodes (A-law <-> µ-law at 8 kHz) need no int16 step.
         self._table: npt.NDArray[np.uint8] | None = None
         if self._resampler is None and not self._copy and "linear16" not in (
@@ -485,15 +495,20 @@ def _to_int16(x: npt.NDArray[np.float32]) -> Int16Array:
 
 
 def input_resampler_quality(source_rate: int, target_rate: int) -> str:
-    """The libsoxr quality for client audio at ``source_rate`` Hz going upstream at ``target_rate``.
+    """The resampler for client audio at ``source_rate`` Hz going upstream at ``target_rate`` Hz.
 
-    Upsampling from 16 kHz or more uses ``"QQ"``: no block delay (0.1 ms), flat within 1 dB to
-    4.5 kHz and imaging products 30-50 dB down in the speech band.  Downsampling needs a real
-    anti-aliasing filter and 8-11.025 kHz sources lose too much treble to cubic interpolation,
-    so those keep ``"HQ"`` and its block lag.  The measurements are in docs/audio.md.
+    Upsampling from 16 kHz or more uses libsoxr's ``"QQ"``: no block delay (0.1 ms), flat within
+    1 dB to 4.5 kHz and imaging products 30-50 dB down in the speech band, at the lowest cost.
+    Downsampling needs a real anti-aliasing filter and 8-11.025 kHz sources lose too much treble to
+    cubic interpolation; libsoxr's filters for those hold output back for 21-48 ms, so they use
+    :data:`LOW_DELAY_RESAMPLER` (at most 2 ms).  Odd rates whose ratio to the target would need
+    more filter phases than it keeps (:func:`openai_proxy.resample.supports`) stay on ``"HQ"``.
+    The measurements are in docs/audio.md.
     """
     if target_rate > source_rate >= QUICK_RESAMPLER_MIN_RATE:
         return INPUT_RESAMPLER_QUALITY
+    if resample.supports(source_rate, target_rate):
+        return LOW_DELAY_RESAMPLER
     return RESAMPLER_QUALITY
 
 

@@ -1,0 +1,156 @@
+"""
+openai_proxy.resample: the low-delay resampler of client audio, alone and as the input converter of
+every linear16 rate that libsoxr's quick setting does not serve (docs/audio.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from openai_proxy.audio import (
+    LOW_DELAY_RESAMPLER,
+    RESAMPLER_QUALITY,
+    UPSTREAM_PCM_RATE,
+    ClientAudioFormat,
+    InputConverter,
+    input_resampler_quality,
+)
+from openai_proxy.resample import MAX_LAG_MS, MAX_PHASES, LowDelayResampler, supports
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PCM24K: dict[str, object] = {"type": "audio/pcm", "rate": UPSTREAM_PCM_RATE}
+
+#: Client rates whose audio goes upstream through the low-delay resampler: below 16 kHz and above 24 kHz,
+#: the common ones and odd ones in between.
+LOW_DELAY_RATES = (8000, 11025, 12000, 15000, 25000, 32000, 44100, 48000)
+#: Conversions the resampler must also handle on its own (any pair of supported rates).
+OTHER_PAIRS = ((16000, 8000), (48000, 8000), (22050, 8000), (24000, 16000), (8000, 48000))
+
+
+def tone(frequency: float, rate: int, seconds: float) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.5 * 32767 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+
+
+def stream(resampler: LowDelayResampler, x: np.ndarray, size: int) -> np.ndarray:
+    pieces = [resampler.resample_chunk(x[i : i + size]) for i in range(0, len(x), size)]
+    pieces.append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+    return np.concatenate(pieces)
+
+
+class ChoiceTests(SynchronousTestCase):
+    def test_every_rate_outside_the_quick_range_uses_it(self) -> None:
+        for rate in LOW_DELAY_RATES:
+            self.assertEqual(input_resampler_quality(rate, UPSTREAM_PCM_RATE), LOW_DELAY_RESAMPLER, rate)
+        for rate in (16000, 22050, 23999):
+            self.assertNotEqual(input_resampler_quality(rate, UPSTREAM_PCM_RATE), LOW_DELAY_RESAMPLER, rate)
+
+    def test_rates_it_cannot_convert_are_refused(self) -> None:
+        for source, target in ((8000, 8000), (7999, 24000), (24000, 48001), (0, 24000), (15999, 24000)):
+            self.assertFalse(supports(source, target), (source, target))
+            with self.assertRaises(ValueError, msg=(source, target)):
+                LowDelayResampler(source, target)
+
+    @FAST
+    @given(rate=st.integers(min_value=8000, max_value=48000))
+    def test_odd_rates_fall_back_to_libsoxr(self, rate: int) -> None:
+        """A rate whose ratio to 24 kHz needs more filter phases than MAX_PHASES (24,001 Hz: 24,000
+        of them) is converted by libsoxr's HQ filter instead, and still converts."""
+        phases = UPSTREAM_PCM_RATE // np.gcd(rate, UPSTREAM_PCM_RATE)
+        quality = input_resampler_quality(rate, UPSTREAM_PCM_RATE)
+        if rate == UPSTREAM_PCM_RATE or 16000 <= rate < UPSTREAM_PCM_RATE:
+            self.assertNotIn(quality, (LOW_DELAY_RESAMPLER, RESAMPLER_QUALITY), rate)
+        elif phases > MAX_PHASES:
+            self.assertEqual(quality, RESAMPLER_QUALITY, rate)
+        else:
+            self.assertEqual(quality, LOW_DELAY_RESAMPLER, rate)
+        converter = InputConverter(ClientAudioFormat("linear16", rate), PCM24K)
+        samples = rate // 50
+        produced = len(converter.feed(bytes(samples * 2))) + len(converter.flush())
+        self.assertLessEqual(abs(produced // 2 - samples * UPSTREAM_PCM_RATE / rate), 1, rate)
+
+
+class StreamingTests(SynchronousTestCase):
+    @FAST
+    @given(frame_ms=st.sampled_from([5, 10, 20, 40, 100]), seed=st.integers(0, 2**16))
+    def test_lag_stays_within_the_budget_through_the_input_converter(self, frame_ms: int, seed: int) -> None:
+        """After every frame the upstream has all the audio except at most MAX_LAG_MS of it (plus
+        the one sample a frame boundary can split), from the first frame on."""
+        rng = np.random.default_rng(seed)
+        for rate in LOW_DELAY_RATES:
+            converter = InputConverter(ClientAudioFormat("linear16", rate), PCM24K)
+            samples = max(1, rate * frame_ms // 1000)
+            fed = produced = 0
+            for _ in range(max(3, 300 // frame_ms)):
+                frame = rng.integers(-20000, 20000, samples).astype("<i2").tobytes()
+                produced += len(converter.feed(frame)) // 2
+                fed += samples
+                expected = fed * UPSTREAM_PCM_RATE / rate
+                lag_ms = (expected - produced) * 1000 / UPSTREAM_PCM_RATE
+                self.assertLessEqual(lag_ms, MAX_LAG_MS + 1000 / UPSTREAM_PCM_RATE, (rate, frame_ms))
+                self.assertLessEqual(produced, expected + 1, rate)
+            produced += len(converter.flush()) // 2
+            self.assertLessEqual(abs(produced - fed * UPSTREAM_PCM_RATE / rate), 1, rate)
+
+    @FAST
+    @given(
+        pair=st.sampled_from([(r, UPSTREAM_PCM_RATE) for r in LOW_DELAY_RATES] + list(OTHER_PAIRS)),
+        cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=12),
+        seed=st.integers(0, 2**16),
+    )
+    def test_output_does_not_depend_on_the_cuts(
+        self, pair: tuple[int, int], cuts: list[int], seed: int
+    ) -> None:
+        source, target = pair
+        x = (np.random.default_rng(seed).standard_normal(4000) * 8000).astype(np.float32)
+        whole = LowDelayResampler(source, target)
+        expected = stream(whole, x, len(x))
+        resampler = LowDelayResampler(source, target)
+        bounds = [0, *sorted(cuts), len(x)]
+        pieces = [resampler.resample_chunk(x[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+        pieces.append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+        self.assertTrue(np.array_equal(np.concatenate(pieces), expected), (pair, cuts))
+        self.assertEqual(len(expected), -(-len(x) * target // source))
+
+    def test_clear_starts_a_new_stream(self) -> None:
+        x = tone(440, 8000, 0.1)
+        resampler = LowDelayResampler(8000, UPSTREAM_PCM_RATE)
+        first = stream(resampler, x, 160)
+        resampler.resample_chunk(x[:333])
+        resampler.clear()
+        self.assertTrue(np.array_equal(stream(resampler, x, 160), first))
+
+
+class FilterTests(SynchronousTestCase):
+    @FAST
+    @given(position=st.floats(min_value=0.0, max_value=1.0))
+    def test_images_and_aliases_are_removed(self, position: float) -> None:
+        """A tone anywhere in the passband (to 40 % of the lower rate) comes out as that tone: everything
+        else in the output (upsampling's images, downsampling's aliases, ripple) is at least 50 dB
+        below it."""
+        for source, target in [(r, UPSTREAM_PCM_RATE) for r in LOW_DELAY_RATES] + list(OTHER_PAIRS):
+            lower = min(source, target)
+            frequency = 100 + position * (0.4 * lower - 100)
+            out = stream(LowDelayResampler(source, target), tone(frequency, source, 0.5), source // 50)
+            middle = out[len(out) // 8 : -len(out) // 8].astype(np.float64)
+            spectrum = np.abs(np.fft.rfft(middle * np.blackman(len(middle)))) ** 2
+            peak = int(round(frequency * len(middle) / target))
+            signal = spectrum[max(0, peak - 4) : peak + 5].sum()
+            rest = spectrum.sum() - signal
+            self.assertLess(10 * np.log10(rest / signal), -50.0, (source, target, frequency))
+            level = 10 * np.log10(np.mean(middle**2) / np.mean(tone(frequency, source, 0.5) ** 2))
+            self.assertLess(abs(level), 0.1, (source, target, frequency))
+
+    def test_lag_is_half_the_filter_and_within_the_budget(self) -> None:
+        for source, target in [(r, UPSTREAM_PCM_RATE) for r in LOW_DELAY_RATES] + list(OTHER_PAIRS):
+            resampler = LowDelayResampler(source, target)
+            self.assertLessEqual(resampler.lag_ms, MAX_LAG_MS, (source, target))
+            # The filter is linear phase and centred: a click comes out at its own position (it is
+            # released lag_ms later while streaming, which the streaming test measures).
+            click = np.zeros(source // 10, dtype=np.float32)
+            click[0] = 30000.0
+            out = stream(LowDelayResampler(source, target), click, source // 50)
+            self.assertEqual(int(np.argmax(np.abs(out))), 0, (source, target))
