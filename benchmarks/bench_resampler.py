@@ -1,11 +1,12 @@
-"""Delay, quality and cost of each libsoxr quality setting on the daemon's rate conversions.
+"""Delay, quality and cost of each resampler setting on the daemon's rate conversions.
 
 Run from the repository root after installing the package::
 
     python benchmarks/bench_resampler.py [--paths 16000:24000,8000:24000,48000:24000,24000:16000]
 
-For each path and each quality (``QQ``, ``LQ``, ``MQ``, ``HQ``), streaming in 20 ms frames through
-``soxr.ResampleStream`` in float32 as the daemon does:
+For each path and each setting, streaming in 20 ms frames in float32 as the daemon does: libsoxr's
+qualities (``QQ``, ``LQ``, ``MQ``, ``HQ``) through ``soxr.ResampleStream``, and ``LD``, the daemon's
+own low-delay resampler (``openai_proxy.resample.LowDelayResampler``) where it serves the path:
 
 - ``lag``: how far the output released so far trails the input fed so far, sampled after every
   frame once the stream has settled, min/mean/max in ms.  This is the algorithmic delay a streaming
@@ -25,16 +26,25 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import numpy as np
 import soxr
 
-QUALITIES = ("QQ", "LQ", "MQ", "HQ")
+from openai_proxy import resample
+
+QUALITIES = ("QQ", "LQ", "MQ", "HQ", "LD")
 FRAME_MS = 20
 
 
+def resampler(source_rate: int, target_rate: int, quality: str) -> Any:
+    if quality == "LD":
+        return resample.LowDelayResampler(source_rate, target_rate)
+    return soxr.ResampleStream(source_rate, target_rate, 1, dtype="float32", quality=quality)
+
+
 def stream(source_rate: int, target_rate: int, quality: str, x: np.ndarray) -> tuple[np.ndarray, list[float]]:
-    rs = soxr.ResampleStream(source_rate, target_rate, 1, dtype="float32", quality=quality)
+    rs = resampler(source_rate, target_rate, quality)
     step = source_rate * FRAME_MS // 1000
     out, lags, fed, got = [], [], 0, 0
     for i in range(0, len(x), step):
@@ -88,7 +98,7 @@ def cost_us(source_rate: int, target_rate: int, quality: str) -> float:
     frame = (np.sin(np.arange(step) / 5) * 8000).astype(np.float32)
     best = float("inf")
     for _ in range(5):
-        rs = soxr.ResampleStream(source_rate, target_rate, 1, dtype="float32", quality=quality)
+        rs = resampler(source_rate, target_rate, quality)
         start = time.process_time()
         for _ in range(500):
             rs.resample_chunk(frame)
@@ -107,6 +117,8 @@ def main() -> None:
         source_rate, target_rate = (int(r) for r in path.split(":"))
         lower = min(source_rate, target_rate)
         for quality in QUALITIES:
+            if quality == "LD" and not resample.supports(source_rate, target_rate):
+                continue
             _, lags = stream(source_rate, target_rate, quality, np.zeros(source_rate * 3))
             settled = np.array(lags[25:])
             speech = sweep_snr(source_rate, target_rate, quality, min(3400.0, 0.45 * lower))
