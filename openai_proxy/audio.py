@@ -18,30 +18,33 @@ transcode with no resampling.
 
 Resampler
 ---------
-Rate conversion uses libsoxr through ``soxr.ResampleStream``.  Client audio upsampled from 16 kHz or
-more (16 or 22.05 kHz to 24 kHz) uses quality ``"QQ"`` (cubic interpolation): it holds nothing back
-(0.1 ms of algorithmic delay), is flat within 1 dB to about 4.5 kHz and keeps its imaging 43 dB
-below the speech band.  Everything else uses ``"HQ"`` (20-bit precision, passband flat to 91 % of the
-lower Nyquist frequency, stopband beyond it, linear phase): downsampling needs its anti-aliasing
-filter, 8-11.025 kHz sources lose too much treble to cubic interpolation, and agent audio is what
-people hear (:func:`input_resampler_quality`; docs/audio.md has the measurements).  Both run in
-float32 on the int16 scale: libsoxr's int16 mode adds random dither, so the same audio cut into
-different chunks would not give the same bytes; in float32 the output is bit-identical however the
-input is chunked, and the conversion back to int16 rounds to nearest and clips.
+Client audio upsampled from 16 kHz or more (16 or 22.05 kHz to 24 kHz) goes through libsoxr's quality
+``"QQ"`` (cubic interpolation): it holds nothing back (0.1 ms of algorithmic delay), is flat within
+1 dB to about 4.5 kHz and keeps its imaging 43 dB below the speech band.  Client audio at other rates
+(8-15.999 kHz, above 24 kHz) needs a real filter, and libsoxr's filters release their output in
+blocks 21-48 ms late, so it goes through :class:`openai_proxy.resample.LowDelayResampler`, a
+polyphase filter that trails its input by 0.5-1.6 ms.  Agent audio uses libsoxr's ``"HQ"`` (20-bit
+precision, passband flat to 91 % of the lower Nyquist frequency, linear phase): it is what people hear,
+and replies arrive faster than real time (:func:`input_resampler_quality`; docs/audio.md has the
+measurements).  Everything runs in float32 on the int16 scale: libsoxr's int16 mode adds random dither,
+so the same audio cut into different chunks would not give the same bytes; in float32 the output is
+bit-identical however the input is chunked, and the conversion back to int16 rounds to nearest and
+clips.
 
-Delay: libsoxr compensates its filter delay, so after :meth:`InputConverter.flush` or
+Delay: both resamplers compensate their filter delay, so after :meth:`InputConverter.flush` or
 :meth:`OutputConverter.end_reply` the output holds exactly the input's duration (to one sample).
-While streaming, ``HQ`` output trails input because libsoxr filters and works in blocks; the lag
-oscillates with the block phase.  Measured with 20 ms frames (min-max, mean):
+While streaming, output trails input.  Measured with 20 ms frames (min-max, mean):
 
 - ``QQ`` paths (16 or 22.05 kHz -> 24 kHz): 0.1 ms;
-- ``HQ`` between 16, 22.05, 32, 44.1 or 48 kHz and 24 kHz: 4-42 ms (21-23 ms);
-- ``HQ`` between 8 or 11.025 kHz and 24 kHz: 10-84 ms (43-48 ms);
+- low-delay paths (8-15.999 kHz and 24.001-48 kHz -> 24 kHz): 0.5-1.6 ms, constant;
+- ``HQ`` from 24 kHz to 16, 22.05, 32, 44.1 or 48 kHz: 4-42 ms (21-23 ms), oscillating with
+  libsoxr's block phase;
+- ``HQ`` from 24 kHz to 8 or 11.025 kHz: 10-84 ms (43-48 ms);
 - passthrough paths: 0.
 
-At the start of a stream the lag is larger (up to about 175 ms for 8 kHz -> 48 kHz); it never exceeds
-:data:`RESAMPLER_MAX_LAG_MS` whatever the chunk sizes.  Every path costs well under 1 ms of CPU per
-second of audio (``benchmarks/bench_audio.py``).
+At the start of a stream the lag of libsoxr's paths is larger (up to about 175 ms); it
+never exceeds :data:`RESAMPLER_MAX_LAG_MS` whatever the chunk sizes.  Every path costs well under 2 ms
+of CPU per second of audio (``benchmarks/bench_audio.py``).
 """
 
 from __future__ import annotations
