@@ -264,7 +264,9 @@ class ConversionTests(SynchronousTestCase):
             square = np.tile(np.r_[np.zeros(half), np.full(half, 32767)], src_rate // (2 * half) // 4 + 1)
             out = decode(dst_enc, path.convert([encode(src_enc, square)]))
             self.assertEqual(out.max(), 32767, path)
-            self.assertGreater(out.min(), -8000, path)
+            # A wrapped sample would land near -32768.  Ringing below zero is the filter's: up to
+            # 29 % of full scale on the minimum-phase input paths (openai_proxy/resample.py).
+            self.assertGreater(out.min(), -16384, path)
 
     @FAST
     @given(position=st.floats(min_value=0.0, max_value=1.0))
