@@ -23,7 +23,7 @@ Client audio upsampled from 16 kHz or more (16 or 22.05 kHz to 24 kHz) goes thro
 1 dB to about 4.5 kHz and keeps its imaging 43 dB below the speech band.  Client audio at other rates
 (8-15.999 kHz, above 24 kHz) needs a real filter, and libsoxr's filters release their output in
 blocks 21-48 ms late, so it goes through :class:`openai_proxy.resample.LowDelayResampler`, a
-polyphase filter that trails its input by 0.5-1.6 ms.  Agent audio uses libsoxr's ``"HQ"`` (20-bit
+minimum-phase polyphase filter that needs no sample ahead and delays the signal by at most 0.57 ms.  Agent audio uses libsoxr's ``"HQ"`` (20-bit
 precision, passband flat to 91 % of the lower Nyquist frequency, linear phase): it is what people hear,
 and replies arrive faster than real time (:func:`input_resampler_quality`; docs/audio.md has the
 measurements).  Everything runs in float32 on the int16 scale: libsoxr's int16 mode adds random dither,
@@ -31,12 +31,13 @@ so the same audio cut into different chunks would not give the same bytes; in fl
 bit-identical however the input is chunked, and the conversion back to int16 rounds to nearest and
 clips.
 
-Delay: both resamplers compensate their filter delay, so after :meth:`InputConverter.flush` or
+Delay: the resamplers compensate their filter delay, so after :meth:`InputConverter.flush` or
 :meth:`OutputConverter.end_reply` the output holds exactly the input's duration (to one sample).
 While streaming, output trails input.  Measured with 20 ms frames (min-max, mean):
 
 - ``QQ`` paths (16 or 22.05 kHz -> 24 kHz): 0.1 ms;
-- low-delay paths (8-15.999 kHz and 24.001-48 kHz -> 24 kHz): 0.5-1.6 ms, constant;
+- low-delay paths (8-15.999 kHz and 24.001-48 kHz -> 24 kHz): none (the filter's group delay,
+  0.16-0.53 ms across the passband, delays the signal itself);
 - ``HQ`` from 24 kHz to 16, 22.05, 32, 44.1 or 48 kHz: 4-42 ms (21-23 ms), oscillating with
   libsoxr's block phase;
 - ``HQ`` from 24 kHz to 8 or 11.025 kHz: 10-84 ms (43-48 ms);
