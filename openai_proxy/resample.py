@@ -51,6 +51,9 @@ MAX_PHASES: Final = 320
 #: source with the phase's taps; beyond it (rates related like 44.1 and 24 kHz) the windows are
 #: gathered per output.
 _STRIDED_PHASES: Final = 8
+#: Outputs computed together when the windows are gathered: at most 4,096 x (2 x half + 1) float32
+#: of windows and as many of taps at a time (a few hundred KiB), whatever the chunk's size.
+_GATHER_BLOCK: Final = 4096
 
 Float32Array = npt.NDArray[np.float32]
 
@@ -222,9 +225,14 @@ class LowDelayResampler:
                 # does not depend on how the input was cut.
                 out[offset::up] = np.einsum("ij,j->i", windows, self._phases[(t * down) % up])
             return out
-        positions = np.arange(start, end) * down
         every = np.ndarray(
             (len(buffer) - width + 1, width), np.float32, buffer=buffer, strides=(item, item)
         )
-        windows = every[positions // up - self._behind - self._first]
-        return np.einsum("ij,ij->i", windows, self._phases[positions % up], out=out)
+        # The windows and taps are gathered per output, a block at a time: a large chunk (a client
+        # may send a megabyte) must not gather a copy of every window at once.
+        for block in range(start, end, _GATHER_BLOCK):
+            positions = np.arange(block, min(block + _GATHER_BLOCK, end)) * down
+            windows = every[positions // up - self._behind - self._first]
+            np.einsum("ij,ij->i", windows, self._phases[positions % up],
+                      out=out[block - start : block - start + len(positions)])
+        return out
