@@ -31,6 +31,7 @@ import numpy as np
 
 from openai_proxy import session as s
 from openai_proxy.config import Config
+from openai_proxy.relay import session_options
 
 OUTPUT_RATE = 24000
 
@@ -93,12 +94,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=40000, help="messages timed per row")
     args = parser.parse_args()
     config = Config(api_key="sk-bench", upstream_url="ws://127.0.0.1:9/v1/realtime")
-    options = s.SessionOptions(
-        default_model=config.model,
-        model_allowed=config.model_allowed,
-        default_voice=config.voice,
-        transcription_model=config.transcription_model,
-    )
+    options = session_options(config)
     rng = np.random.default_rng(1)
     delta_audio = (rng.standard_normal(OUTPUT_RATE // 20) * 3000).astype("<i2").tobytes()
     delta = {"type": "response.output_audio.delta", "event_id": "event_d", "response_id": "resp_bench",

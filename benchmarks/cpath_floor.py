@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Callable
 
 import uvloop
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_connect, ws_create_server
@@ -78,10 +79,9 @@ class Client(WSListener):  # type: ignore[misc]
             self.task.cancel()
 
 
-async def serve(port: int, upstream_url: str) -> None:
-    def listener(request: WSUpgradeRequest) -> Client:
-        return Client(upstream_url)
-
+async def serve(listener: Callable[[WSUpgradeRequest], WSListener], port: int) -> None:
+    """Serve WebSocket clients on 127.0.0.1:``port``, one ``listener(request)`` each, until SIGINT or
+    SIGTERM (``cpath_session.py`` serves through it too)."""
     server = await ws_create_server(listener, "127.0.0.1", port)
     stop = asyncio.get_running_loop().create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream-url", required=True)
     args = parser.parse_args()
-    uvloop.run(serve(args.port, args.upstream_url))
+    uvloop.run(serve(lambda request: Client(args.upstream_url), args.port))
 
 
 if __name__ == "__main__":

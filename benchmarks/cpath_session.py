@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import time
 from typing import Any
 
 import uvloop
+from cpath_floor import serve
 from picows import (
     WSCloseCode,
     WSFrame,
@@ -38,14 +38,12 @@ from picows import (
     WSTransport,
     WSUpgradeRequest,
     ws_connect,
-    ws_create_server,
 )
 
 from openai_proxy import session as s
 from openai_proxy.config import Config
+from openai_proxy.relay import FUNCTIONS_DISABLED_RESULT, session_options
 from openai_proxy.translate import messages as m
-
-_DISABLED = '{"error": "disabled", "message": "server-side functions are not enabled"}'
 
 
 class UpstreamListener(WSListener):  # type: ignore[misc]
@@ -248,7 +246,7 @@ class ClientListener(WSListener):  # type: ignore[misc]
 
     def function_answered(self, call_id: str) -> None:
         if self.session is not None and not self.gone:
-            self.carry_out(self.session.function_result(call_id, _DISABLED))
+            self.carry_out(self.session.function_result(call_id, FUNCTIONS_DISABLED_RESULT))
 
 
 class Host:
@@ -256,27 +254,10 @@ class Host:
 
     def __init__(self, upstream_url: str, api_key: str) -> None:
         self.config = Config(api_key=api_key, upstream_url=upstream_url)
-        config = self.config
-        self.options = s.SessionOptions(
-            default_model=config.model,
-            model_allowed=config.model_allowed,
-            default_voice=config.voice,
-            transcription_model=config.transcription_model,
-            audio_buffer_seconds=config.limits.audio_buffer_seconds,
-            function_call_timeout=config.limits.function_call_timeout,
-        )
+        self.options = session_options(self.config)
 
     def listener(self, request: WSUpgradeRequest) -> ClientListener:
         return ClientListener(self)
-
-
-async def serve(host: Host, port: int) -> None:
-    server = await ws_create_server(host.listener, "127.0.0.1", port)
-    stop = asyncio.get_running_loop().create_future()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(signum, stop.set_result, None)
-    await stop
-    server.close()
 
 
 def main() -> None:
@@ -285,7 +266,7 @@ def main() -> None:
     parser.add_argument("--upstream-url", required=True)
     parser.add_argument("--api-key", default="sk-bench")
     args = parser.parse_args()
-    uvloop.run(serve(Host(args.upstream_url, args.api_key), args.port))
+    uvloop.run(serve(Host(args.upstream_url, args.api_key).listener, args.port))
 
 
 if __name__ == "__main__":

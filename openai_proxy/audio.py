@@ -23,9 +23,9 @@ Client audio upsampled from 16 kHz or more (16 or 22.05 kHz to 24 kHz) goes thro
 1 dB to about 4.5 kHz and keeps its imaging 43 dB below the speech band.  Client audio at other rates
 (8-15.999 kHz, above 24 kHz) needs a real filter, and libsoxr's filters release their output in
 blocks 21-48 ms late, so it goes through :class:`openai_proxy.resample.LowDelayResampler`, a
-minimum-phase polyphase filter that needs no sample ahead and delays the signal by at most 0.57 ms.  Agent audio uses libsoxr's ``"HQ"`` (20-bit
-precision, passband flat to 91 % of the lower Nyquist frequency, linear phase): it is what people hear,
-and replies arrive faster than real time (:func:`input_resampler_quality`; docs/audio.md has the
+minimum-phase polyphase filter that needs no sample ahead and delays the signal by at most 0.57 ms.
+Agent audio uses libsoxr's ``"HQ"`` (20-bit precision, passband flat to 91 % of the lower Nyquist
+frequency, linear phase): it is what people hear, and replies arrive faster than real time (:func:`input_resampler_quality`; docs/audio.md has the
 measurements).  Everything runs in float32 on the int16 scale: libsoxr's int16 mode adds random dither,
 so the same audio cut into different chunks would not give the same bytes; in float32 the output is
 bit-identical however the input is chunked, and the conversion back to int16 rounds to nearest and
@@ -60,7 +60,6 @@ import numpy.typing as npt
 import soxr
 
 from openai_proxy import resample
-from openai_proxy.resample import LowDelayResampler
 
 __all__ = [
     "SUPPORTED_INPUT_ENCODINGS",
@@ -108,7 +107,7 @@ INPUT_RESAMPLER_QUALITY: Final = "QQ"
 #: The lowest source rate that :data:`INPUT_RESAMPLER_QUALITY` serves.
 QUICK_RESAMPLER_MIN_RATE: Final = 16000
 #: Every other rate change of client audio: :class:`openai_proxy.resample.LowDelayResampler`, a short
-#: linear-phase filter that lags by at most 2 ms instead of libsoxr's blocks (module doc).
+#: minimum-phase filter that holds nothing back instead of libsoxr's blocks (module doc).
 LOW_DELAY_RESAMPLER: Final = "low-delay"
 #: Upper bound on how far converted output may trail its input while streaming (see module doc).
 RESAMPLER_MAX_LAG_MS: Final = 200.0
@@ -430,10 +429,10 @@ class _Transcoder:
         self._source_width = _sample_width(self._source_encoding)
         self._target_width = _sample_width(self._target_encoding)
         self._copy = source == target
-        self._resampler: soxr.ResampleStream | LowDelayResampler | None = None
+        self._resampler: soxr.ResampleStream | resample.LowDelayResampler | None = None
         if self._source_rate != self._target_rate:
             if quality == LOW_DELAY_RESAMPLER:
-                self._resampler = LowDelayResampler(self._source_rate, self._target_rate)
+                self._resampler = resample.LowDelayResampler(self._source_rate, self._target_rate)
             else:
                 self._resampler = soxr.ResampleStream(
                     self._source_rate, self._target_rate, 1, dtype="float32", quality=quality

@@ -1223,9 +1223,7 @@ class ClientProtocol(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc
         caller = self.factory.function_caller
         if caller is None:
             # Settings refuse endpoints when no prefix is configured; this guards the contract.
-            result: defer.Deferred[str] = defer.succeed(
-                '{"error": "disabled", "message": "server-side functions are not enabled"}'
-            )
+            result: defer.Deferred[str] = defer.succeed(FUNCTIONS_DISABLED_RESULT)
         else:
             result = caller.call(call.endpoint, call.name, call.arguments)
         self._function_calls.add(result)
@@ -1360,6 +1358,24 @@ class SessionRegistry(Service):
         return done
 
 
+#: The result a server-side function call gets when no ``--function-url-prefix`` is configured.
+FUNCTIONS_DISABLED_RESULT = '{"error": "disabled", "message": "server-side functions are not enabled"}'
+
+
+def session_options(config: Config) -> s.SessionOptions:
+    """What every session of a daemon configured by ``config`` needs from it."""
+    return s.SessionOptions(
+        default_model=config.model,
+        model_allowed=config.model_allowed,
+        default_voice=config.voice,
+        transcription_model=config.transcription_model,
+        audio_buffer_seconds=config.limits.audio_buffer_seconds,
+        function_call_timeout=config.limits.function_call_timeout,
+        function_url_prefixes=config.function_url_prefixes,
+        rollover_after=config.rollover_after,
+    )
+
+
 class ClientFactory(WebSocketServerFactory):
     """Builds a :class:`ClientProtocol` per client, sharing configuration, registry and connector."""
 
@@ -1383,16 +1399,7 @@ class ClientFactory(WebSocketServerFactory):
         self.clock: IReactorTime = cast(IReactorTime, reactor)
         self.debug = config.log_level == "debug"
         self._secrets = _secrets_of(config)
-        self.session_options = s.SessionOptions(
-            default_model=config.model,
-            model_allowed=config.model_allowed,
-            default_voice=config.voice,
-            transcription_model=config.transcription_model,
-            audio_buffer_seconds=config.limits.audio_buffer_seconds,
-            function_call_timeout=config.limits.function_call_timeout,
-            function_url_prefixes=config.function_url_prefixes,
-            rollover_after=config.rollover_after,
-        )
+        self.session_options = session_options(config)
         limits = config.limits
         self.setProtocolOptions(
             maxFramePayloadSize=limits.max_message_bytes,
